@@ -1,0 +1,120 @@
+"""Frozen, versioned method configurations.
+
+A method's config is a frozen dataclass whose defaults are its paper's settings. The whole config
+is serialized into every result, so a leaderboard row says exactly what ran; ``CONFIG_VERSION``
+is bumped when a field's meaning changes so old results are not silently compared with new ones.
+Command-line overrides (``--config repq_vit.calib_size=64``) are parsed against the field types.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+from benchsuite.errors import ConfigError
+
+C = TypeVar("C", bound="MethodConfig")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Base of every method's config.
+
+    Subclasses add fields with the paper's defaults and may raise ``CONFIG_VERSION``.
+    ``calib_size`` is the number of calibration samples the method asks for; ``None`` lets the
+    task choose its own default.
+    """
+
+    CONFIG_VERSION: ClassVar[int] = 1
+
+    calib_size: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict: the class name, its version and every field."""
+        fields = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {"type": type(self).__name__, "version": self.CONFIG_VERSION, "fields": fields}
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        """Rebuild a config written by :meth:`to_dict`; refuses another type or version."""
+        if data.get("type") != cls.__name__ or data.get("version") != cls.CONFIG_VERSION:
+            raise ConfigError(
+                f"config {data.get('type')} v{data.get('version')} is not "
+                f"{cls.__name__} v{cls.CONFIG_VERSION}"
+            )
+        hints = typing.get_type_hints(cls)
+        kwargs = {k: _from_json(v, hints[k]) for k, v in data["fields"].items()}
+        return cls(**kwargs)
+
+    def with_overrides(self: C, overrides: dict[str, str]) -> C:
+        """A copy with fields replaced by values given as text, parsed by the field's type."""
+        hints = typing.get_type_hints(type(self))
+        names = {f.name for f in dataclasses.fields(self)}
+        values: dict[str, Any] = {}
+        for key, text in overrides.items():
+            if key not in names:
+                raise ConfigError(
+                    f"{type(self).__name__} has no field {key!r}; fields: {', '.join(sorted(names))}"
+                )
+            values[key] = parse_field_value(text, hints[key], key)
+        return dataclasses.replace(self, **values)
+
+    def describe(self) -> str:
+        """One line ``name=value, ...`` for listings."""
+        return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _from_json(value: Any, hint: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def parse_field_value(text: str, hint: Any, key: str) -> Any:
+    """Parse ``text`` as a value of type ``hint`` (bool, int, float, str, Optional, tuple)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if text.strip().lower() in ("none", "null") and len(options) < len(typing.get_args(hint)):
+            return None
+        for option in options:
+            try:
+                return parse_field_value(text, option, key)
+            except ConfigError:
+                continue
+        raise ConfigError(f"cannot read {text!r} for {key}")
+    if origin is tuple:
+        try:
+            parsed = json.loads(text if text.strip().startswith("[") else f"[{text}]")
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"cannot read {text!r} for {key} as a list: {exc.msg}") from None
+        return tuple(parsed)
+    if hint is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key} takes true or false, not {text!r}")
+    if hint in (int, float):
+        try:
+            return hint(text)
+        except ValueError:
+            raise ConfigError(f"{key} takes a {hint.__name__}, not {text!r}") from None
+    if hint is str:
+        return text
+    if typing.get_origin(hint) is typing.Literal:
+        if text in typing.get_args(hint):
+            return text
+        raise ConfigError(f"{key} takes one of {', '.join(map(str, typing.get_args(hint)))}, not {text!r}")
+    raise ConfigError(f"{key} cannot be set from the command line")
