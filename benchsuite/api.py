@@ -168,6 +168,9 @@ class Task(ABC):
         """Why this task cannot run here (a missing optional dependency), or None."""
         return None
 
+    def validate(self) -> None:
+        """Check the data root and weights before any cell runs; raise DataError if wrong."""
+
     def resolve_model(self, name: str) -> ModelSpec:
         """The spec for a model name; subclasses may accept names outside :meth:`models`."""
         offered = self.models()

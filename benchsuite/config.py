@@ -110,7 +110,8 @@ def parse_field_value(text: str, hint: Any, key: str) -> Any:
         try:
             return hint(text)
         except ValueError:
-            raise ConfigError(f"{key} takes a {hint.__name__}, not {text!r}") from None
+            kind = "an integer" if hint is int else "a number"
+            raise ConfigError(f"{key} takes {kind}, not {text!r}") from None
     if hint is str:
         return text
     if typing.get_origin(hint) is typing.Literal:
