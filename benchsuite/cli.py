@@ -102,7 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["run", *argv]  # `benchsuite` alone, or with run options, means `benchsuite run`
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors and --help: return the code instead of exiting
+        return int(exc.code or 0)
     if args.version:
         from benchsuite import __version__
 

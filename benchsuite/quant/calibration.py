@@ -1,0 +1,83 @@
+"""Calibration helpers every method shares: find quantizers, observe ranges, switch them on/off."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from benchsuite.quant.canonical import CanonicalModel
+from benchsuite.quant.quantizers import Quantizer
+
+__all__ = ["iter_quantizers", "observe", "observing", "set_enabled"]
+
+
+def iter_quantizers(model: CanonicalModel) -> Iterator[Quantizer]:
+    """Every quantizer set on the model's sites, in site order, each once.
+
+    A method may share one quantizer between sites; yielding it once keeps observation and
+    finalization from running twice on it.
+    """
+    seen: set[int] = set()
+    for site in model.sites():
+        for quantizer in site.module.quantizers():
+            if id(quantizer) not in seen:
+                seen.add(id(quantizer))
+                yield quantizer
+
+
+@contextmanager
+def observing(quantizers: Iterable[Quantizer]) -> Iterator[list[Quantizer]]:
+    """Put ``quantizers`` in observing mode for the block; restore their previous mode after.
+
+    The restore runs even when the block raises, so a failed calibration never leaves a model
+    silently recording statistics (and passing inputs through in float) during evaluation.
+    """
+    chosen = list(quantizers)
+    previous = [q.observing for q in chosen]
+    for q in chosen:
+        q.observing = True
+    try:
+        yield chosen
+    finally:
+        for q, was in zip(chosen, previous):
+            q.observing = was
+
+
+def observe(
+    model: nn.Module | Callable[[Any], object] | None,
+    quantizers: Iterable[Quantizer],
+    batches: Iterable[Any],
+) -> None:
+    """Record ranges of ``quantizers`` over ``batches`` and finalize them.
+
+    With a model (or any callable), each batch is fed as ``model(batch)`` under
+    ``torch.no_grad()`` while only the given quantizers observe (others keep their current
+    behaviour, so a method can observe activations with weights already quantized, or not).
+    With ``model=None`` each batch is handed straight to every quantizer, which is how a weight
+    tensor is observed.
+
+    Observing mode is switched off even if a forward raises; quantizers are finalized only after
+    every batch ran, since a range from a partial pass would be wrong without saying so.
+    ``finalize`` raises for a quantizer that saw nothing (e.g. a site the batches never reach).
+    The caller owns the model's train/eval mode and the batches' device.
+    """
+    chosen = list(quantizers)
+    with observing(chosen), torch.no_grad():
+        for batch in batches:
+            if model is None:
+                for q in chosen:
+                    q(batch)
+            else:
+                model(batch)
+    for q in chosen:
+        q.finalize()
+
+
+def set_enabled(quantizers: Iterable[Quantizer], flag: bool) -> None:
+    """Enable (fake-quantize) or disable (identity) every quantizer in ``quantizers``."""
+    for q in quantizers:
+        q.enabled = flag

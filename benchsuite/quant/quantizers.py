@@ -1,0 +1,332 @@
+"""Fake quantizers: modules that round a tensor onto a low-bit grid and return it in float.
+
+Every method in benchsuite is built from these. A quantizer has three states that matter to a
+method's calibration loop:
+
+- *observing*: it records statistics of what flows through it and returns the input unchanged,
+  so a whole network can be calibrated in float in one pass;
+- *initialized*: it has quantization parameters (from :meth:`Quantizer.finalize` or
+  :meth:`UniformQuantizer.set_params`) and fake-quantizes when enabled;
+- *disabled* (``enabled=False``): identity, so a method can switch parts of the network back to
+  float (e.g. to calibrate activations on float weights) without removing quantizers.
+
+Rounding uses a straight-through estimator so reconstruction-based methods can back-propagate
+through quantized layers.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+__all__ = ["Granularity", "Quantizer", "UniformQuantizer", "clamp_inclusive", "round_ste"]
+
+Granularity = Literal["tensor", "channel"]
+
+#: Lower bound of a step size: a constant tensor (max == min) would otherwise give Δ = 0.
+MIN_SCALE = 1e-8
+#: Integer codes are held in float32, which represents integers exactly only up to 2**24.
+MAX_BITS = 16
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` in the forward pass, identity in the backward pass (straight-through).
+
+    ``x + (round(x) - x).detach()`` equals ``round(x)`` exactly in float: ``round(x) - x`` is
+    exact (Sterbenz) and adding ``x`` back lands on the representable integer ``round(x)``.
+    """
+    return x + (torch.round(x) - x).detach()
+
+
+def clamp_inclusive(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``clamp(x, low, high)`` whose gradient is 1 on the closed interval and 0 outside.
+
+    ``torch.clamp`` gives a zero (scalar bounds) or halved (tensor bounds) gradient at the bounds
+    themselves. After rounding, every value within half a step of either end of the grid lands
+    exactly on a bound, so that would cut the straight-through gradient of a whole band of
+    in-range values, a large share of them at 2 to 4 bits.
+    """
+    inside = (x >= low) & (x <= high)
+    return torch.where(inside, x, x.detach().clamp(low, high))
+
+
+class Quantizer(nn.Module):
+    """Base of all fake quantizers: the observe / initialize / enable state machine.
+
+    Subclasses implement :meth:`observe`, :meth:`finalize`, :meth:`fake_quantize`,
+    :attr:`initialized` and :meth:`reset`; :meth:`forward` dispatches on the state so every
+    quantizer behaves the same inside a calibration loop:
+
+    - ``observing``: record statistics, return ``x`` itself (even when disabled, so ranges can be
+      collected while the network still runs in float);
+    - enabled and initialized: fake-quantize;
+    - otherwise (disabled, or never calibrated): return ``x`` unchanged.
+    """
+
+    def __init__(self, bits: int, enabled: bool = True) -> None:
+        super().__init__()
+        if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= MAX_BITS:
+            raise ValueError(f"bits must be an int in [1, {MAX_BITS}], got {bits!r}")
+        self.bits = bits
+        self.enabled = enabled
+        self.observing = False
+
+    @property
+    def n_levels(self) -> int:
+        """Number of integer codes, 2**bits."""
+        return 2**self.bits
+
+    @property
+    def qmax(self) -> int:
+        """Largest integer code; codes run from 0 to ``qmax``."""
+        return self.n_levels - 1
+
+    @property
+    def initialized(self) -> bool:
+        """Whether quantization parameters are set (forward quantizes only then)."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget observed statistics and quantization parameters."""
+        raise NotImplementedError
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Fold ``x`` into the running statistics (no gradient, no change to ``x``)."""
+        raise NotImplementedError
+
+    def finalize(self) -> None:
+        """Turn the observed statistics into quantization parameters."""
+        raise NotImplementedError
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantize and dequantize ``x`` with the current parameters."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            with torch.no_grad():
+                self.observe(x.detach())
+            return x
+        if self.enabled and self.initialized:
+            return self.fake_quantize(x)
+        return x
+
+    def extra_repr(self) -> str:
+        state = "observing" if self.observing else ("ready" if self.initialized else "uncalibrated")
+        return f"bits={self.bits}, enabled={self.enabled}, {state}"
+
+
+class UniformQuantizer(Quantizer):
+    """Asymmetric uniform fake quantizer, per tensor or per channel, with STE rounding.
+
+    ``x_int = clamp(round(x / Δ) + z, 0, 2**b - 1)`` and ``x̂ = (x_int - z) · Δ``. The gradient
+    of ``x̂`` with respect to ``x`` is 1 where ``x`` maps inside the grid and 0 where it is
+    clamped (the standard STE), and flows to ``Δ`` as in LSQ if a method makes it a Parameter.
+
+    Calibration is plain min-max over every observed batch: ``Δ = (max - min) / (2**b - 1)``
+    (at least :data:`MIN_SCALE`) and ``z = round(-min / Δ)``. The range is *not* widened to
+    contain 0, so for one-signed data ``z`` may fall outside ``[0, 2**b - 1]``; this is fake
+    quantization, so only the grid matters, and it covers exactly the observed range.
+    With ``symmetric=True`` the grid is centred on 0 instead: ``Δ = 2·absmax / (2**b - 1)``,
+    ``z = 2**(b-1)`` (PyTorch's symmetric convention), still stored as unsigned codes.
+
+    Parameters live in the buffers ``scale`` and ``zero_point`` (float32; ``zero_point`` holds
+    integers when set by :meth:`finalize`). They hold one element per tensor, or one per channel
+    laid out along ``channel_dim`` with size 1 elsewhere, for the rank of the observed tensors, so
+    ``weight / q.scale`` broadcasts as expected. :meth:`fake_quantize` reshapes them to the rank of
+    its input, so the same quantizer serves (B, N, C) and (B, C) activations alike. Before
+    calibration the buffers are empty.
+
+    Reductions use ``amin``/``amax`` (no sorting, no quantile), so tensors of any size work.
+    """
+
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    min_val: torch.Tensor
+    max_val: torch.Tensor
+
+    def __init__(
+        self,
+        bits: int,
+        granularity: Granularity = "tensor",
+        channel_dim: int = -1,
+        symmetric: bool = False,
+        enabled: bool = True,
+    ) -> None:
+        super().__init__(bits, enabled)
+        if granularity not in ("tensor", "channel"):
+            raise ValueError(f"granularity must be 'tensor' or 'channel', got {granularity!r}")
+        self.granularity: Granularity = granularity
+        self.channel_dim = channel_dim
+        self.symmetric = symmetric
+        # Empty until calibrated; _load_from_state_dict resizes them so a calibrated state loads.
+        self.register_buffer("scale", torch.empty(0))
+        self.register_buffer("zero_point", torch.empty(0))
+        # Running statistics, 1-D (one entry per channel, or one entry), float32.
+        self.register_buffer("min_val", torch.empty(0))
+        self.register_buffer("max_val", torch.empty(0))
+        self._observed_ndim: int | None = None
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def per_channel(self) -> bool:
+        return self.granularity == "channel"
+
+    @property
+    def initialized(self) -> bool:
+        return self.scale.numel() > 0
+
+    @property
+    def has_observations(self) -> bool:
+        """Whether :meth:`observe` saw at least one non-empty tensor since the last reset."""
+        return self.min_val.numel() > 0
+
+    def reset(self) -> None:
+        for name in ("scale", "zero_point", "min_val", "max_val"):
+            setattr(self, name, torch.empty(0, device=getattr(self, name).device))
+        self._observed_ndim = None
+
+    # -- calibration -------------------------------------------------------------------------
+
+    def _channel_axis(self, ndim: int) -> int:
+        """``channel_dim`` as a non-negative axis of an ``ndim``-D tensor (checked, not wrapped)."""
+        if not -ndim <= self.channel_dim < ndim:
+            raise ValueError(f"channel_dim {self.channel_dim} does not exist in a {ndim}-D tensor")
+        return self.channel_dim % ndim
+
+    def _reduce_dims(self, x: torch.Tensor) -> list[int]:
+        """All dims of ``x`` except the channel dim (all dims when per tensor)."""
+        if not self.per_channel:
+            return list(range(x.ndim))
+        channel = self._channel_axis(x.ndim)
+        return [d for d in range(x.ndim) if d != channel]
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Update the running min/max with ``x`` (per channel along ``channel_dim`` if asked)."""
+        if x.numel() == 0:
+            return
+        x = x.detach()
+        dims = self._reduce_dims(x)
+        # amin/amax with an empty dim list would be a no-op reduction, not a full one.
+        low = (x.amin(dim=dims) if dims else x).float().reshape(-1)
+        high = (x.amax(dim=dims) if dims else x).float().reshape(-1)
+        if self.has_observations:
+            if low.shape != self.min_val.shape:
+                raise ValueError(
+                    f"observed {low.numel()} channels along dim {self.channel_dim}, "
+                    f"earlier batches had {self.min_val.numel()}"
+                )
+            low = torch.minimum(self.min_val, low)
+            high = torch.maximum(self.max_val, high)
+        self.min_val, self.max_val = low, high
+        self._observed_ndim = x.ndim
+
+    def finalize(self) -> None:
+        """Compute ``scale`` and ``zero_point`` from the observed min/max.
+
+        Raises ``RuntimeError`` when nothing was observed: a silently uncalibrated quantizer would
+        leave its op in float and inflate a method's accuracy.
+        """
+        if not self.has_observations:
+            raise RuntimeError(f"{self.__class__.__name__} cannot finalize: it observed no data")
+        low, high = self.min_val, self.max_val
+        if self.symmetric:
+            absmax = torch.maximum(low.abs(), high.abs())
+            scale = (2 * absmax / self.qmax).clamp_min(MIN_SCALE)
+            zero_point = torch.full_like(scale, float(2 ** (self.bits - 1)))
+        else:
+            scale = ((high - low) / self.qmax).clamp_min(MIN_SCALE)
+            zero_point = torch.round(-low / scale)
+        self.scale = self._layout(scale)
+        self.zero_point = self._layout(zero_point)
+
+    def _layout(self, values: torch.Tensor) -> torch.Tensor:
+        """1-D parameters → (1,) per tensor, or C along ``channel_dim`` for the observed rank."""
+        if not self.per_channel or self._observed_ndim is None:
+            return values.reshape(-1)
+        shape = [1] * self._observed_ndim
+        shape[self._channel_axis(self._observed_ndim)] = values.numel()
+        return values.reshape(shape)
+
+    def set_params(self, scale: torch.Tensor | float, zero_point: torch.Tensor | float) -> None:
+        """Set Δ and z directly, for methods that choose them otherwise than by min-max.
+
+        Both must have one element (per tensor) or the same number of elements (per channel);
+        any broadcastable layout is kept as given and reshaped to each input at forward time.
+        ``zero_point`` is stored as given (RepQ-ViT's reference code uses an unrounded one).
+        """
+        scale_t = torch.as_tensor(scale, dtype=torch.float32).detach().clone()
+        zero_t = torch.as_tensor(zero_point, dtype=torch.float32).detach().clone()
+        if scale_t.ndim == 0:
+            scale_t = scale_t.reshape(1)
+        if zero_t.ndim == 0:
+            zero_t = zero_t.reshape(1)
+        if zero_t.numel() == 1 and scale_t.numel() > 1:
+            zero_t = zero_t.reshape(-1).expand(scale_t.numel()).reshape(scale_t.shape).clone()
+        if scale_t.numel() != zero_t.numel():
+            raise ValueError(f"scale has {scale_t.numel()} elements, zero_point {zero_t.numel()}")
+        if not self.per_channel and scale_t.numel() != 1:
+            raise ValueError(f"a per-tensor quantizer takes one scale, got {scale_t.numel()}")
+        if scale_t.numel() == 0 or not bool((scale_t > 0).all()):
+            raise ValueError("scale must be non-empty and strictly positive")
+        self.scale = scale_t.to(self.scale.device)
+        self.zero_point = zero_t.reshape(scale_t.shape).to(self.scale.device)
+
+    # -- quantization ------------------------------------------------------------------------
+
+    def _broadcast(self, param: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``param`` shaped to broadcast against ``x`` along ``channel_dim``."""
+        if param.numel() == 1:
+            return param.reshape(())
+        channel = self._channel_axis(x.ndim)
+        if x.shape[channel] != param.numel():
+            raise ValueError(
+                f"quantizer has {param.numel()} channels, input has {x.shape[channel]} "
+                f"along dim {self.channel_dim} (shape {tuple(x.shape)})"
+            )
+        shape = [1] * x.ndim
+        shape[channel] = -1
+        return param.reshape(shape)
+
+    def quant_params(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Δ, z) broadcastable against ``x``."""
+        return self._broadcast(self.scale, x), self._broadcast(self.zero_point, x)
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        scale, zero_point = self.quant_params(x)
+        x_int = clamp_inclusive(round_ste(x / scale) + zero_point, 0, self.qmax)
+        return ((x_int - zero_point) * scale).to(x.dtype)
+
+    # -- serialization -----------------------------------------------------------------------
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # Buffers start empty and take their shape at calibration; adopt the saved shapes so a
+        # calibrated quantizer can be restored into a fresh one.
+        for name in ("scale", "zero_point", "min_val", "max_val"):
+            saved = state_dict.get(prefix + name)
+            if isinstance(saved, torch.Tensor):
+                current = getattr(self, name)
+                setattr(self, name, torch.empty(saved.shape, dtype=current.dtype, device=current.device))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        parts = [super().extra_repr(), f"granularity={self.granularity!r}"]
+        if self.per_channel:
+            parts.append(f"channel_dim={self.channel_dim}")
+        if self.symmetric:
+            parts.append("symmetric=True")
+        return ", ".join(parts)
