@@ -809,23 +809,38 @@ def write_reports(
 
 
 def console_table(results: Iterable[Result], metrics: str = "main") -> Any:
-    """A :class:`rich.table.Table` with the Markdown layout (main metric by default)."""
+    """Rich tables for the terminal: one per task / model / metric, methods as rows, bits as columns.
+
+    The Markdown layout puts every group side by side, which a terminal cannot show; stacking the
+    groups keeps each table narrow enough to read at 80 columns.
+    """
+    from rich.console import Group
     from rich.table import Table
     from rich.text import Text
 
     lb = leaderboard_frames(results, metrics)
-    table = Table(title="benchsuite leaderboard", caption=_legend(lb), caption_justify="left")
-    table.add_column("method", justify="left", no_wrap=True)
-    for column in lb.columns:
-        table.add_column(_flat_header(column, "\n"), justify="right")
     plain = _text_frame(lb, _PLAIN) if not lb.empty else None
-    for i, method in enumerate(lb.methods):
-        cells = []
-        for column in lb.columns:
-            text = plain.at[method, column] if plain is not None else ""
-            cells.append(Text(text, style="bold" if bool(lb.best.at[method, column]) else ""))
-        last_float = i == len(lb.float_rows) - 1 and len(lb.float_rows) < len(lb.methods)
-        table.add_row(Text(str(method)), *cells, end_section=last_float)
+    groups: dict[tuple, list] = {}
+    for column in lb.columns:
+        groups.setdefault(tuple(column[:-1]), []).append(column)
+    tables = []
+    for group, columns in groups.items():
+        table = Table(title=" · ".join(str(part) for part in group), title_justify="left")
+        table.add_column("method", justify="left", no_wrap=True)
+        for column in columns:
+            table.add_column(str(column[-1]), justify="right")
+        for i, method in enumerate(lb.methods):
+            cells = [
+                Text(plain.at[method, column] if plain is not None else "",
+                     style="bold" if bool(lb.best.at[method, column]) else "")
+                for column in columns
+            ]
+            if not any(cell.plain for cell in cells):
+                continue
+            last_float = i == len(lb.float_rows) - 1 and len(lb.float_rows) < len(lb.methods)
+            table.add_row(Text(str(method)), *cells, end_section=last_float)
+        tables.append(table)
+    footer = _legend(lb)
     for line in _failed_lines(lb):
-        table.caption = f"{table.caption}\nfailed: {line}"
-    return table
+        footer = f"{footer}\nfailed: {line}"
+    return Group(*tables, Text(footer))

@@ -319,16 +319,18 @@ def test_write_reports_writes_four_files(tmp_path):
         assert path.read_text(encoding="utf-8") == render(suite(), fmt)
 
 
-def test_console_table_has_markdown_layout():
-    from rich.console import Console
+def test_console_tables_stack_one_group_per_task_model_metric():
+    from rich.console import Console, Group
     from rich.table import Table
 
-    table = console_table(suite())
-    assert isinstance(table, Table)
-    assert table.row_count == 3
-    assert len(table.columns) == 1 + len(leaderboard_table(suite()).columns)
-    console = Console(width=250, record=True, color_system=None)
-    console.print(table)
+    rendered = console_table(suite())
+    assert isinstance(rendered, Group)
+    tables = [r for r in rendered.renderables if isinstance(r, Table)]
+    groups = {column[:-1] for column in leaderboard_table(suite()).columns}
+    assert len(tables) == len(groups)
+    assert sum(len(t.columns) - 1 for t in tables) == len(leaderboard_table(suite()).columns)
+    console = Console(width=120, record=True, color_system=None)
+    console.print(rendered)
     text = console.export_text()
     assert "70.53 ± 0.45 (\u22129.32)" in text and "[1 failed]" in text
 

@@ -10,20 +10,47 @@ method's calibration loop:
 - *disabled* (``enabled=False``): identity, so a method can switch parts of the network back to
   float (e.g. to calibrate activations on float weights) without removing quantizers.
 
+With ``lazy_init=True`` an enabled quantizer that has no parameters yet initializes itself on the
+first tensor it sees (observe + finalize on that tensor) and quantizes it at once. This is the
+reference code's calibration of RepQ-ViT: one forward with every quantizer enabled calibrates all
+of them in execution order, each on inputs that already passed the quantized upstream layers.
+
+:class:`UniformQuantizer` initializes by min-max (``init="minmax"``) or by the percentile/MSE
+search of :mod:`benchsuite.quant.init_search` (``init="percentile_mse"``), which keeps the
+observed tensors until :meth:`~Quantizer.finalize`. :class:`LogSqrt2Quantizer` is the log√2
+quantizer for post-softmax attention probabilities.
+
 Rounding uses a straight-through estimator so reconstruction-based methods can back-propagate
 through quantized layers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-__all__ = ["Granularity", "Quantizer", "UniformQuantizer", "clamp_inclusive", "round_ste"]
+from benchsuite.quant.init_search import (
+    DEFAULT_PERCENTILES,
+    search_log_sqrt2_scale,
+    search_uniform_rows,
+    to_rows,
+)
+
+__all__ = [
+    "Granularity",
+    "InitMethod",
+    "LogSqrt2Quantizer",
+    "Quantizer",
+    "UniformQuantizer",
+    "clamp_inclusive",
+    "round_ste",
+]
 
 Granularity = Literal["tensor", "channel"]
+InitMethod = Literal["minmax", "percentile_mse"]
 
 #: Lower bound of a step size: a constant tensor (max == min) would otherwise give Δ = 0.
 MIN_SCALE = 1e-8
@@ -62,16 +89,19 @@ class Quantizer(nn.Module):
     - ``observing``: record statistics, return ``x`` itself (even when disabled, so ranges can be
       collected while the network still runs in float);
     - enabled and initialized: fake-quantize;
+    - enabled, not initialized and ``lazy_init``: initialize on ``x`` (observe + finalize), then
+      fake-quantize it;
     - otherwise (disabled, or never calibrated): return ``x`` unchanged.
     """
 
-    def __init__(self, bits: int, enabled: bool = True) -> None:
+    def __init__(self, bits: int, enabled: bool = True, *, lazy_init: bool = False) -> None:
         super().__init__()
         if not isinstance(bits, int) or isinstance(bits, bool) or not 1 <= bits <= MAX_BITS:
             raise ValueError(f"bits must be an int in [1, {MAX_BITS}], got {bits!r}")
         self.bits = bits
         self.enabled = enabled
         self.observing = False
+        self.lazy_init = lazy_init
 
     @property
     def n_levels(self) -> int:
@@ -109,13 +139,18 @@ class Quantizer(nn.Module):
             with torch.no_grad():
                 self.observe(x.detach())
             return x
+        if self.enabled and not self.initialized and self.lazy_init:
+            with torch.no_grad():
+                self.observe(x.detach())
+                self.finalize()
         if self.enabled and self.initialized:
             return self.fake_quantize(x)
         return x
 
     def extra_repr(self) -> str:
         state = "observing" if self.observing else ("ready" if self.initialized else "uncalibrated")
-        return f"bits={self.bits}, enabled={self.enabled}, {state}"
+        lazy = ", lazy_init=True" if self.lazy_init else ""
+        return f"bits={self.bits}, enabled={self.enabled}, {state}{lazy}"
 
 
 class UniformQuantizer(Quantizer):
@@ -125,12 +160,22 @@ class UniformQuantizer(Quantizer):
     of ``x̂`` with respect to ``x`` is 1 where ``x`` maps inside the grid and 0 where it is
     clamped (the standard STE), and flows to ``Δ`` as in LSQ if a method makes it a Parameter.
 
-    Calibration is plain min-max over every observed batch: ``Δ = (max - min) / (2**b - 1)``
-    (at least :data:`MIN_SCALE`) and ``z = round(-min / Δ)``. The range is *not* widened to
-    contain 0, so for one-signed data ``z`` may fall outside ``[0, 2**b - 1]``; this is fake
-    quantization, so only the grid matters, and it covers exactly the observed range.
-    With ``symmetric=True`` the grid is centred on 0 instead: ``Δ = 2·absmax / (2**b - 1)``,
-    ``z = 2**(b-1)`` (PyTorch's symmetric convention), still stored as unsigned codes.
+    With ``init="minmax"`` (the default) calibration is plain min-max over every observed batch:
+    ``Δ = (max - min) / (2**b - 1)`` (at least :data:`MIN_SCALE`) and ``z = round(-min / Δ)``.
+    The range is *not* widened to contain 0, so for one-signed data ``z`` may fall outside
+    ``[0, 2**b - 1]``; this is fake quantization, so only the grid matters, and it covers exactly
+    the observed range. With ``symmetric=True`` the grid is centred on 0 instead:
+    ``Δ = 2·absmax / (2**b - 1)``, ``z = 2**(b-1)`` (PyTorch's symmetric convention), still
+    stored as unsigned codes.
+
+    With ``init="percentile_mse"`` (RepQ-ViT's initialization; asymmetric only) :meth:`observe`
+    also keeps a copy of every observed tensor (all batches together, as if concatenated along
+    the batch dim) and :meth:`finalize` runs
+    :func:`~benchsuite.quant.init_search.search_uniform_rows` on them: for each ``p`` in
+    ``percentiles`` clip at ``quantile(x, p)`` and ``quantile(x, 1 - p)``, keep the lowest MSE,
+    per tensor or per channel. ``finalize`` releases the kept tensors; observing more and
+    finalizing again searches only the tensors observed since. The running min/max are kept as
+    in min-max mode.
 
     Parameters live in the buffers ``scale`` and ``zero_point`` (float32; ``zero_point`` holds
     integers when set by :meth:`finalize`). They hold one element per tensor, or one per channel
@@ -139,7 +184,8 @@ class UniformQuantizer(Quantizer):
     its input, so the same quantizer serves (B, N, C) and (B, C) activations alike. Before
     calibration the buffers are empty.
 
-    Reductions use ``amin``/``amax`` (no sorting, no quantile), so tensors of any size work.
+    Reductions use ``amin``/``amax``, and the search uses ``topk``/sort-based order statistics
+    (never ``torch.quantile``), so tensors of any size work.
     """
 
     scale: torch.Tensor
@@ -154,13 +200,25 @@ class UniformQuantizer(Quantizer):
         channel_dim: int = -1,
         symmetric: bool = False,
         enabled: bool = True,
+        *,
+        init: InitMethod = "minmax",
+        percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+        lazy_init: bool = False,
     ) -> None:
-        super().__init__(bits, enabled)
+        super().__init__(bits, enabled, lazy_init=lazy_init)
         if granularity not in ("tensor", "channel"):
             raise ValueError(f"granularity must be 'tensor' or 'channel', got {granularity!r}")
+        if init not in ("minmax", "percentile_mse"):
+            raise ValueError(f"init must be 'minmax' or 'percentile_mse', got {init!r}")
+        if init == "percentile_mse" and symmetric:
+            raise ValueError("the percentile_mse search is for the asymmetric quantizer only")
         self.granularity: Granularity = granularity
         self.channel_dim = channel_dim
         self.symmetric = symmetric
+        self.init: InitMethod = init
+        self.percentiles = _check_percentiles(percentiles)
+        #: Observed tensors as (rows, values), kept for the search until finalize (not saved).
+        self._samples: list[torch.Tensor] = []
         # Empty until calibrated; _load_from_state_dict resizes them so a calibrated state loads.
         self.register_buffer("scale", torch.empty(0))
         self.register_buffer("zero_point", torch.empty(0))
@@ -188,6 +246,7 @@ class UniformQuantizer(Quantizer):
         for name in ("scale", "zero_point", "min_val", "max_val"):
             setattr(self, name, torch.empty(0, device=getattr(self, name).device))
         self._observed_ndim = None
+        self._samples = []
 
     # -- calibration -------------------------------------------------------------------------
 
@@ -223,6 +282,9 @@ class UniformQuantizer(Quantizer):
             high = torch.maximum(self.max_val, high)
         self.min_val, self.max_val = low, high
         self._observed_ndim = x.ndim
+        if self.init == "percentile_mse":
+            axis = self._channel_axis(x.ndim) if self.per_channel else 0
+            self._samples.append(_private_rows(x, self.granularity, axis))
 
     def finalize(self) -> None:
         """Compute ``scale`` and ``zero_point`` from the observed min/max.
@@ -232,6 +294,19 @@ class UniformQuantizer(Quantizer):
         """
         if not self.has_observations:
             raise RuntimeError(f"{self.__class__.__name__} cannot finalize: it observed no data")
+        if self.init == "percentile_mse":
+            if not self._samples:
+                raise RuntimeError(
+                    f"{self.__class__.__name__} cannot finalize: no tensors kept since the last "
+                    "finalize (the percentile search consumes them)"
+                )
+            samples, self._samples = self._samples, []
+            rows = samples[0] if len(samples) == 1 else torch.cat(samples, dim=1)
+            del samples
+            scale, zero_point, _ = search_uniform_rows(rows, self.bits, self.percentiles, MIN_SCALE)
+            self.scale = self._layout(scale.float())
+            self.zero_point = self._layout(zero_point.float())
+            return
         low, high = self.min_val, self.max_val
         if self.symmetric:
             absmax = torch.maximum(low.abs(), high.abs())
@@ -274,6 +349,21 @@ class UniformQuantizer(Quantizer):
             raise ValueError("scale must be non-empty and strictly positive")
         self.scale = scale_t.to(self.scale.device)
         self.zero_point = zero_t.reshape(scale_t.shape).to(self.scale.device)
+
+    def set_per_tensor(self, scale: torch.Tensor | float, zero_point: torch.Tensor | float) -> None:
+        """Turn this quantizer into a per-tensor one with Δ = ``scale`` and z = ``zero_point``.
+
+        For RepQ-ViT-style reparameterization, where a calibrated per-channel input quantizer is
+        replaced by the per-tensor (s̃, z̃) of :mod:`benchsuite.quant.reparam`. The running
+        statistics and kept tensors are dropped (they were per channel).
+        """
+        device = self.scale.device
+        self.granularity = "tensor"
+        self.min_val = torch.empty(0, device=device)
+        self.max_val = torch.empty(0, device=device)
+        self._observed_ndim = None
+        self._samples = []
+        self.set_params(scale, zero_point)
 
     # -- quantization ------------------------------------------------------------------------
 
@@ -329,4 +419,141 @@ class UniformQuantizer(Quantizer):
             parts.append(f"channel_dim={self.channel_dim}")
         if self.symmetric:
             parts.append("symmetric=True")
+        if self.init != "minmax":
+            parts.append(f"init={self.init!r}")
+        return ", ".join(parts)
+
+
+def _check_percentiles(percentiles: Sequence[float]) -> tuple[float, ...]:
+    chosen = tuple(float(p) for p in percentiles)
+    if not chosen or any(not 0.0 <= p <= 1.0 for p in chosen):
+        raise ValueError(f"percentiles must be a non-empty sequence in [0, 1], got {list(percentiles)}")
+    return chosen
+
+
+def _private_rows(x: torch.Tensor, granularity: Granularity, channel_axis: int) -> torch.Tensor:
+    """``x`` as (rows, values) in its own memory (the caller may later edit ``x`` in place)."""
+    if x.dtype not in (torch.float32, torch.float64):
+        x = x.float()
+    rows = to_rows(x, granularity, channel_axis)
+    if rows.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+        rows = rows.clone()
+    return rows
+
+
+class LogSqrt2Quantizer(Quantizer):
+    """log√2 fake quantizer for post-softmax attention probabilities (RepQ-ViT), with STE.
+
+    One scalar Δ, the largest level; no zero point. With ``L = 2**b``:
+
+        q = round(-2 · log2(A / Δ))
+        Â = Δ · 2^(-q/2)   for q clamped to [0, L - 1]
+        Â = 0              where q ≥ L (underflow) or A ≤ 0
+
+    so the output is one of ``{0} ∪ {Δ·2^(-k/2) : k = 0 .. L-1}`` (``L + 1`` symbols, as in the
+    reference code): values above Δ map to Δ, values below the smallest level's rounding
+    boundary ``Δ·2^(-(L - 1/2)/2)`` map to 0 rather than to the smallest level.
+
+    Δ is chosen by :func:`~benchsuite.quant.init_search.search_log_sqrt2_scale`: candidates
+    ``quantile(A, p)`` for ``p`` in ``percentiles``, lowest MSE wins. :meth:`observe` keeps the
+    observed tensors until :meth:`finalize` (which releases them). The rounding of ``q`` is
+    straight-through: where a value maps inside the grid, ``dÂ/dA = Â/A`` (about 1); where ``q``
+    is clamped to 0 or underflows, the gradient is 0.
+
+    Δ lives in the buffer ``scale`` (one float32 element; empty before calibration).
+    """
+
+    scale: torch.Tensor
+
+    def __init__(
+        self,
+        bits: int,
+        enabled: bool = True,
+        *,
+        percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+        lazy_init: bool = False,
+    ) -> None:
+        super().__init__(bits, enabled, lazy_init=lazy_init)
+        self.percentiles = _check_percentiles(percentiles)
+        self.register_buffer("scale", torch.empty(0))
+        self._samples: list[torch.Tensor] = []
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """Δ, the largest representable value (alias of ``scale``)."""
+        return self.scale
+
+    @property
+    def initialized(self) -> bool:
+        return self.scale.numel() > 0
+
+    @property
+    def has_observations(self) -> bool:
+        """Whether tensors were observed and not yet consumed by :meth:`finalize`."""
+        return bool(self._samples)
+
+    def reset(self) -> None:
+        self.scale = torch.empty(0, device=self.scale.device)
+        self._samples = []
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Keep a flat copy of ``x`` for the Δ search."""
+        if x.numel() == 0:
+            return
+        self._samples.append(_private_rows(x.detach(), "tensor", 0))
+
+    def finalize(self) -> None:
+        """Search Δ on every tensor observed since the last finalize, then release them."""
+        if not self._samples:
+            raise RuntimeError(f"{self.__class__.__name__} cannot finalize: it observed no data")
+        samples, self._samples = self._samples, []
+        rows = samples[0] if len(samples) == 1 else torch.cat(samples, dim=1)
+        del samples
+        self.scale = search_log_sqrt2_scale(rows, self.bits, self.percentiles, MIN_SCALE).float()
+
+    def set_params(self, scale: torch.Tensor | float) -> None:
+        """Set Δ directly (a positive scalar)."""
+        scale_t = torch.as_tensor(scale, dtype=torch.float32).detach().clone().reshape(-1)
+        if scale_t.numel() != 1 or not bool((scale_t > 0).all()):
+            raise ValueError(f"Δ must be one strictly positive value, got {scale!r}")
+        self.scale = scale_t.to(self.scale.device)
+
+    def levels(self) -> torch.Tensor:
+        """The ``2**b`` non-zero output levels ``Δ·2^(-k/2)``, k = 0 .. 2**b - 1 (descending)."""
+        if not self.initialized:
+            raise RuntimeError("LogSqrt2Quantizer has no Δ yet")
+        codes = torch.arange(self.n_levels, dtype=self.scale.dtype, device=self.scale.device)
+        return self.scale.reshape(()) * torch.exp2(-codes / 2)
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        delta = self.scale.reshape(()).to(x.dtype)
+        positive = x > 0
+        # Non-positive entries take log2(1) = 0 here (finite, so no NaN gradient) and become 0 below.
+        ratio = torch.where(positive, x, delta) / delta
+        codes = round_ste(-2 * torch.log2(ratio))
+        underflow = ~positive | (codes.detach() >= self.n_levels)
+        values = delta * torch.exp2(-clamp_inclusive(codes, 0, self.qmax) / 2)
+        return torch.where(underflow, torch.zeros_like(values), values).to(x.dtype)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        saved = state_dict.get(prefix + "scale")
+        if isinstance(saved, torch.Tensor):
+            self.scale = torch.empty(saved.shape, dtype=self.scale.dtype, device=self.scale.device)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        parts = [super().extra_repr()]
+        if self.initialized:
+            parts.append(f"delta={float(self.scale):.6g}")
         return ", ".join(parts)

@@ -1,0 +1,241 @@
+"""Percentile/MSE initialization searches for quantizers, vectorised over channels.
+
+RepQ-ViT (and methods that reuse its calibration) initialize a uniform asymmetric quantizer by
+trying a few clipping percentiles and keeping the one whose fake-quantized tensor is closest to
+the original in mean squared error:
+
+- for each ``p`` in ``percentiles``: ``hi = quantile(x, p)``, ``lo = quantile(x, 1 - p)``
+  (both tails clipped with the same probability);
+- ``Δ = (hi - lo) / (2**b - 1)``, ``z = round(-lo / Δ)``;
+- fake-quantize ``x`` with ``(Δ, z)``; the lowest MSE wins (the first candidate on ties).
+
+Per channel, the search runs independently for every channel, all channels at once.
+
+Quantiles follow ``torch.quantile``'s linear interpolation exactly (rank ``p · (n - 1)`` computed
+in the data's dtype, ``lerp`` between the two neighbouring order statistics), so on tensors that
+``torch.quantile`` accepts the results are bit-identical. ``torch.quantile`` refuses more than
+2**24 elements per reduction (the reference code then falls back to ``numpy.percentile``, whose
+linear rule is the same); here the order statistics come from ``torch.topk`` (only the tails
+that the percentiles need, much faster than sorting tens of millions of values) or a full sort,
+so any size works with the same rule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+
+__all__ = [
+    "DEFAULT_PERCENTILES",
+    "fake_quantize_uniform",
+    "fake_quantize_log_sqrt2",
+    "order_statistics",
+    "quantiles",
+    "search_log_sqrt2_scale",
+    "search_uniform_params",
+    "search_uniform_rows",
+    "to_rows",
+]
+
+#: The reference code's candidates for both the uniform and the log√2 search.
+DEFAULT_PERCENTILES: tuple[float, ...] = (0.999, 0.9999, 0.99999)
+#: Lower bound of a step size (a constant channel would otherwise give Δ = 0).
+MIN_SCALE = 1e-8
+#: Use ``topk`` on the tails when they hold at most this share of a row, else sort the row.
+_TOPK_SHARE = 0.125
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def to_rows(
+    x: torch.Tensor, granularity: Literal["tensor", "channel"] = "tensor", channel_dim: int = -1
+) -> torch.Tensor:
+    """``x`` as a 2-D (rows, values) tensor: one row per tensor, or one row per channel.
+
+    Per channel, row ``c`` holds every element whose index along ``channel_dim`` is ``c`` (for a
+    (B, N, C) activation with ``channel_dim=-1``: all B·N values of channel c; for an (O, I)
+    weight with ``channel_dim=0``: output row c). May share memory with ``x``.
+    """
+    if granularity == "tensor":
+        return x.reshape(1, -1)
+    if granularity != "channel":
+        raise ValueError(f"granularity must be 'tensor' or 'channel', got {granularity!r}")
+    if not -x.ndim <= channel_dim < x.ndim:
+        raise ValueError(f"channel_dim {channel_dim} does not exist in a {x.ndim}-D tensor")
+    axis = channel_dim % x.ndim
+    return x.movedim(axis, 0).reshape(x.shape[axis], -1)
+
+
+def order_statistics(rows: torch.Tensor, indices: Sequence[int]) -> torch.Tensor:
+    """The ``indices``-th smallest values (0-based) of every row: shape (rows, len(indices)).
+
+    Uses ``topk`` on the low and high tails when the requested indices lie within a small share
+    of each end of the rows, otherwise one full sort. NaNs sort as the largest values.
+    """
+    if rows.ndim != 2:
+        raise ValueError(f"order_statistics takes a 2-D (rows, values) tensor, got {rows.ndim}-D")
+    length = rows.shape[1]
+    idx = [int(i) for i in indices]
+    if length == 0 or any(not 0 <= i < length for i in idx):
+        raise IndexError(f"order statistics {idx} out of range for rows of {length} values")
+    if not idx:
+        return rows.new_empty(rows.shape[0], 0)
+    low = [i for i in idx if 2 * i < length]
+    high = [i for i in idx if 2 * i >= length]
+    need_low = max(low) + 1 if low else 0
+    need_high = length - min(high) if high else 0
+    if need_low + need_high > _TOPK_SHARE * length:
+        ordered = rows.sort(dim=1).values
+        return ordered[:, idx]
+    rows = rows.contiguous()
+    columns: dict[int, torch.Tensor] = {}
+    if need_low:
+        smallest = rows.topk(need_low, dim=1, largest=False, sorted=True).values  # ascending
+        columns.update({i: smallest[:, i] for i in low})
+    if need_high:
+        largest = rows.topk(need_high, dim=1, largest=True, sorted=True).values  # descending
+        columns.update({i: largest[:, length - 1 - i] for i in high})
+    return torch.stack([columns[i] for i in idx], dim=1)
+
+
+def quantiles(rows: torch.Tensor, probs: Sequence[float]) -> torch.Tensor:
+    """Per-row quantiles with ``torch.quantile``'s linear interpolation: shape (len(probs), rows).
+
+    Bit-identical to ``torch.quantile(rows, torch.tensor(probs), dim=1)`` for float32/float64
+    rows of at most 2**24 values (NaNs excepted: rows must be free of them), and defined for
+    longer rows, where ``torch.quantile`` raises.
+    """
+    if rows.ndim != 2 or rows.shape[1] == 0:
+        raise ValueError(f"quantiles takes a non-empty 2-D (rows, values) tensor, got {tuple(rows.shape)}")
+    if any(not 0.0 <= p <= 1.0 for p in probs):
+        raise ValueError(f"probabilities must lie in [0, 1], got {list(probs)}")
+    dtype = _compute_dtype(rows)
+    rows = rows.to(dtype)
+    last = rows.shape[1] - 1
+    # Same arithmetic as torch.quantile: p is rounded to the data's dtype, the rank p · (n - 1) is
+    # computed in float64, truncated below and ceiled above, the weight rank - below is cast back
+    # to the data's dtype, and the result is lerp(below, above, weight) in the data's dtype.
+    ranks = torch.tensor(list(probs), dtype=dtype).to(torch.float64) * last
+    below = ranks.to(torch.long)
+    above = ranks.ceil().to(torch.long)
+    weights = (ranks - below).to(dtype).to(rows.device)
+    needed = sorted(set(below.tolist()) | set(above.tolist()))
+    stats = order_statistics(rows, needed)
+    column = {index: position for position, index in enumerate(needed)}
+    values_below = stats[:, [column[i] for i in below.tolist()]]  # (rows, P)
+    values_above = stats[:, [column[i] for i in above.tolist()]]
+    return torch.lerp(values_below, values_above, weights).T
+
+
+def fake_quantize_uniform(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """``(clamp(round(x / Δ) + z, 0, 2**b - 1) - z) · Δ`` with plain rounding (no STE)."""
+    codes = torch.round(x / scale).add_(zero_point).clamp_(0, 2**bits - 1)
+    return codes.sub_(zero_point).mul_(scale)
+
+
+def _check_rows(rows: torch.Tensor) -> torch.Tensor:
+    if rows.ndim != 2 or rows.numel() == 0:
+        raise ValueError(f"the search needs a non-empty 2-D (rows, values) tensor, got {tuple(rows.shape)}")
+    if bool(torch.isnan(rows).any()):
+        raise ValueError("the initialization search got NaN values")
+    return rows.to(_compute_dtype(rows))
+
+
+def _check_percentiles(percentiles: Sequence[float]) -> list[float]:
+    chosen = [float(p) for p in percentiles]
+    if not chosen or any(not 0.0 <= p <= 1.0 for p in chosen):
+        raise ValueError(f"percentiles must be a non-empty sequence in [0, 1], got {list(percentiles)}")
+    return chosen
+
+
+def search_uniform_rows(
+    rows: torch.Tensor,
+    bits: int,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+    min_scale: float = MIN_SCALE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The percentile/MSE search for every row of a 2-D (rows, values) tensor at once.
+
+    Returns ``(scale, zero_point, choice)``, each 1-D with one entry per row; ``choice`` is the
+    index into ``percentiles`` of the winning candidate. ``Δ`` is at least ``min_scale``.
+    """
+    rows = _check_rows(rows)
+    probs = _check_percentiles(percentiles)
+    # One call for every needed quantile: hi for each p, then lo = quantile(1 - p).
+    q = quantiles(rows, probs + [1.0 - p for p in probs])  # (2P, R)
+    hi, lo = q[: len(probs)], q[len(probs) :]
+    scales = ((hi - lo) / (2**bits - 1)).clamp_min(min_scale)  # (P, R)
+    zero_points = torch.round(-lo / scales)
+    errors = []
+    for scale, zero_point in zip(scales, zero_points):
+        error = fake_quantize_uniform(rows, scale[:, None], zero_point[:, None], bits).sub_(rows)
+        errors.append(error.square_().mean(dim=1))
+    mse = torch.stack(errors).nan_to_num(nan=float("inf"))
+    choice = mse.argmin(dim=0)  # first minimum on ties, as the reference's strict "<"
+    pick = choice[None, :]
+    return scales.gather(0, pick)[0], zero_points.gather(0, pick)[0], choice
+
+
+def search_uniform_params(
+    x: torch.Tensor,
+    bits: int,
+    granularity: Literal["tensor", "channel"] = "tensor",
+    channel_dim: int = -1,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+    min_scale: float = MIN_SCALE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Δ and z of the uniform asymmetric quantizer by the percentile/MSE search.
+
+    Per tensor: one ``(Δ, z)`` over all of ``x``. Per channel: one per index along
+    ``channel_dim`` (dim 0 for weights, -1 for (B, N, C) activations), each searched over every
+    element of its channel. Returns 1-D tensors of 1 or C entries, in ``x``'s dtype (float32 for
+    non-float64 inputs); ``z`` holds integers.
+    """
+    with torch.no_grad():
+        scale, zero_point, _ = search_uniform_rows(
+            to_rows(x.detach(), granularity, channel_dim), bits, percentiles, min_scale
+        )
+    return scale, zero_point
+
+
+def fake_quantize_log_sqrt2(x: torch.Tensor, scale: torch.Tensor | float, bits: int) -> torch.Tensor:
+    """log√2 fake quantization with plain rounding (no STE), for the Δ search.
+
+    ``q = round(-2·log2(x/Δ))``; ``x̂ = Δ·2^(-q/2)`` for ``q`` clamped to ``[0, 2**b - 1]``, and
+    ``0`` where ``q ≥ 2**b`` or ``x ≤ 0``. Same numbers as
+    :class:`~benchsuite.quant.quantizers.LogSqrt2Quantizer` in the forward pass.
+    """
+    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+    positive = x > 0
+    # In place on one buffer: this runs on every attention map of the calibration batch.
+    values = torch.where(positive, x, scale).div_(scale).log2_().mul_(-2).round_()  # codes q
+    underflow = values >= 2**bits
+    underflow.logical_or_(positive.logical_not_())
+    values.clamp_(0, 2**bits - 1).mul_(-0.5).exp2_().mul_(scale)
+    return values.masked_fill_(underflow, 0)
+
+
+def search_log_sqrt2_scale(
+    x: torch.Tensor,
+    bits: int,
+    percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+    min_scale: float = MIN_SCALE,
+) -> torch.Tensor:
+    """Δ of the log√2 quantizer: ``quantile(x, p)`` for each ``p``, lowest MSE wins.
+
+    Per tensor only (one scalar Δ, as in the reference code). Returns a 1-element tensor.
+    """
+    with torch.no_grad():
+        rows = _check_rows(to_rows(x.detach()))
+        probs = _check_percentiles(percentiles)
+        candidates = quantiles(rows, probs)[:, 0].clamp_min(min_scale)  # (P,)
+        errors = torch.stack(
+            [fake_quantize_log_sqrt2(rows, delta, bits).sub_(rows).square_().mean() for delta in candidates]
+        ).nan_to_num(nan=float("inf"))
+        return candidates[errors.argmin()].reshape(1)

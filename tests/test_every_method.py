@@ -1,0 +1,53 @@
+"""Tests generated from the registry: every registered method runs on every adapter family.
+
+Adding a method (built in or installed) adds it here without writing a test.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchsuite import registry
+from benchsuite.api import CalibrationSet
+from benchsuite.bits import BitSpec
+from benchsuite.quant.adapters import adapt
+from toy_plugins import toy_vit
+
+METHODS = [name for name, reason in registry.methods.availability().items() if reason is None]
+
+
+def tiny_swin():
+    from timm.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    return SwinTransformer(img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 2),
+                           window_size=4, num_classes=10).eval()
+
+
+FAMILIES = {"timm_vit": (toy_vit, 16), "timm_swin": (tiny_swin, 32)}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("method_name", METHODS)
+def test_method_quantizes_every_family(method_name, family):
+    factory, size = FAMILIES[family]
+    float_model = factory()
+    images = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        reference = float_model(images)
+    method = registry.methods.get(method_name)()
+    config = method.default_config()
+    model = adapt(factory())
+    calibration = CalibrationSet.from_tensor(images, [str(i) for i in range(8)], "random", 0)
+    bits = BitSpec(4, 4) if method.quantizes else BitSpec(None, None)
+    quantized = method.quantize(model, calibration, bits, config)
+    with torch.no_grad():
+        output = quantized(images)
+    assert output.shape == reference.shape
+    assert torch.isfinite(output).all()
+    if method.quantizes:
+        assert not torch.allclose(output, reference), "a quantizing method left the model unchanged"
+    else:
+        torch.testing.assert_close(output, reference)
+    assert config == type(config).from_dict(config.to_dict())
