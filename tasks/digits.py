@@ -30,6 +30,8 @@ from torch import nn
 from benchsuite.api import CalibrationSet, Evaluation, ModelSpec, Task, TaskInfo, sha256_of
 from benchsuite.errors import DataError
 from benchsuite.metrics.classification import classification_metrics, evaluate_classifier
+from benchsuite.weights import file_sha256, load_into
+from benchsuite.weights import load_weights_file as _read_weights_file
 
 __all__ = [
     "DigitsTask",
@@ -308,36 +310,11 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
 
     A missing, unreadable or corrupt file raises :class:`DataError`.
     """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"digits weights file {str(path)!r} does not exist")
-    try:
-        if path.suffix.lower() in (".pt", ".pth", ".bin"):
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(state, Mapping):
-                for key in ("state_dict", "model"):
-                    if isinstance(state.get(key), Mapping):
-                        state = state[key]
-                        break
-        else:
-            from safetensors.torch import load_file
-
-            state = load_file(str(path), device="cpu")
-    except Exception as exc:  # noqa: BLE001 - every reader error means a bad file
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise DataError(f"cannot read digits weights {str(path)!r}: {reason}") from None
-    if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DataError(f"digits weights {str(path)!r} hold no tensor state dict")
-    return dict(state)
+    return _read_weights_file(path, label="digits")
 
 
 def _load_into(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        detail = " ".join(line.strip() for line in first[:2])
-        raise DataError(f"digits weights {str(path)!r} do not fit {MODEL_NAME}: {detail}") from None
+    load_into(model, state, path, MODEL_NAME, label="digits")
 
 
 def _cached_state() -> dict[str, torch.Tensor]:
@@ -420,7 +397,7 @@ class DigitsTask(Task):
             path = Path(self.options.weights)
             weights: dict[str, Any] = {"source": "file", "path": str(path)}
             if path.is_file():
-                weights["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+                weights["sha256"] = file_sha256(path)
         else:
             weights = {"source": "trained by benchsuite", "recipe_version": RECIPE_VERSION,
                        "recipe_sha256_12": recipe_hash(), "cache_file": cached_weights_path().name}
