@@ -94,12 +94,43 @@ def order_statistics(rows: torch.Tensor, indices: Sequence[int]) -> torch.Tensor
     rows = rows.contiguous()
     columns: dict[int, torch.Tensor] = {}
     if need_low:
-        smallest = rows.topk(need_low, dim=1, largest=False, sorted=True).values  # ascending
+        smallest = _tail(rows, need_low, largest=False)  # ascending
         columns.update({i: smallest[:, i] for i in low})
     if need_high:
-        largest = rows.topk(need_high, dim=1, largest=True, sorted=True).values  # descending
+        largest = _tail(rows, need_high, largest=True)  # descending
         columns.update({i: largest[:, length - 1 - i] for i in high})
     return torch.stack([columns[i] for i in idx], dim=1)
+
+
+#: Rows longer than this have their tails prefiltered before topk (see :func:`_tail`).
+_PREFILTER_MIN_LENGTH = 1 << 20
+_PREFILTER_SAMPLE = 1 << 16
+
+
+def _tail(rows: torch.Tensor, need: int, largest: bool) -> torch.Tensor:
+    """The ``need`` largest (descending) or smallest (ascending) values of every row.
+
+    For one long row, a threshold from a strided subsample first keeps only about twice the
+    needed values, and ``topk`` runs on those: exact whenever at least ``need`` values pass the
+    threshold (the ``need``-th extreme value then passes too), which is checked; otherwise the
+    plain ``topk`` over the whole row runs. It makes the calibration search about 2x cheaper on
+    large activations, where ``topk`` with a large ``k`` dominates.
+    """
+    length = rows.shape[1]
+    if rows.shape[0] == 1 and length >= _PREFILTER_MIN_LENGTH:
+        row = rows[0]
+        sample = row[:: max(1, length // _PREFILTER_SAMPLE)]
+        keep_share = min(1.0, 2.0 * need / length + 64.0 / sample.numel())
+        rank = max(1, min(sample.numel(), int(sample.numel() * keep_share)))
+        if largest:
+            threshold = sample.kthvalue(sample.numel() - rank + 1).values
+            selected = row[row >= threshold]
+        else:
+            threshold = sample.kthvalue(rank).values
+            selected = row[row <= threshold]
+        if selected.numel() >= need:
+            return selected.topk(need, largest=largest, sorted=True).values[None, :]
+    return rows.topk(need, dim=1, largest=largest, sorted=True).values
 
 
 def quantiles(rows: torch.Tensor, probs: Sequence[float]) -> torch.Tensor:
@@ -142,7 +173,7 @@ def fake_quantize_uniform(
 def _check_rows(rows: torch.Tensor) -> torch.Tensor:
     if rows.ndim != 2 or rows.numel() == 0:
         raise ValueError(f"the search needs a non-empty 2-D (rows, values) tensor, got {tuple(rows.shape)}")
-    if bool(torch.isnan(rows).any()):
+    if bool(torch.isnan(rows.sum())) and bool(torch.isnan(rows).any()):  # one cheap pass first
         raise ValueError("the initialization search got NaN values")
     return rows.to(_compute_dtype(rows))
 

@@ -71,13 +71,40 @@ class QuantModule(nn.Module):
             yield self.weight_quantizer
 
     def quantized_weight(self) -> torch.Tensor:
-        """The weight as the forward pass sees it (fake-quantized when a quantizer is set)."""
+        """The weight as the forward pass sees it (fake-quantized when a quantizer is set).
+
+        Without autograd the result is cached until the weight or the quantizer's state changes
+        (tracked by tensor identity and version counters), so evaluation quantizes each weight
+        once instead of once per batch.
+        """
         weight: torch.Tensor = getattr(self, "weight")
-        return weight if self.weight_quantizer is None else self.weight_quantizer(weight)
+        quantizer = self.weight_quantizer
+        if quantizer is None:
+            return weight
+        if torch.is_grad_enabled() and (weight.requires_grad or any(p.requires_grad for p in quantizer.parameters())):
+            self._weight_cache = None
+            return quantizer(weight)
+        key = _state_key(weight, quantizer)
+        cached = getattr(self, "_weight_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        quantized = quantizer(weight)
+        self._weight_cache = (key, quantized) if quantizer.initialized and not quantizer.observing else None
+        return quantized
 
     def extra_repr(self) -> str:
         kinds = ", ".join(kind.value for kind in self.input_kinds)
         return f"role={self.role.value}, inputs=({kinds})"
+
+
+def _state_key(weight: torch.Tensor, quantizer: Quantizer) -> tuple:
+    tensors = [weight, *quantizer.buffers(), *quantizer.parameters()]
+    return (
+        id(quantizer),
+        quantizer.enabled,
+        quantizer.bits,
+        tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in tensors),
+    )
 
 
 class QuantLinear(QuantModule):

@@ -79,6 +79,11 @@ def clamp_inclusive(x: torch.Tensor, low: float, high: float) -> torch.Tensor:
     return torch.where(inside, x, x.detach().clamp(low, high))
 
 
+def needs_grad(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will track an op on ``tensors`` (else a cheaper in-place path is fine)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 class Quantizer(nn.Module):
     """Base of all fake quantizers: the observe / initialize / enable state machine.
 
@@ -387,6 +392,11 @@ class UniformQuantizer(Quantizer):
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero_point = self.quant_params(x)
+        if not needs_grad(x, scale, zero_point):
+            # Same arithmetic, in place and without the straight-through bookkeeping: evaluation
+            # and calibration spend most of their quantization time here.
+            x_int = torch.div(x, scale).round_().add_(zero_point).clamp_(0, self.qmax)
+            return x_int.sub_(zero_point).mul_(scale).to(x.dtype)
         x_int = clamp_inclusive(round_ste(x / scale) + zero_point, 0, self.qmax)
         return ((x_int - zero_point) * scale).to(x.dtype)
 
@@ -527,6 +537,12 @@ class LogSqrt2Quantizer(Quantizer):
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         delta = self.scale.reshape(()).to(x.dtype)
+        if not needs_grad(x, delta):
+            codes = torch.div(x, delta).log2_().mul_(-2).round_()
+            # NaN (x < 0), +inf (x = 0) and codes past the last level all underflow to 0.
+            underflow = ~(codes < self.n_levels)
+            values = codes.clamp_(0, self.qmax).mul_(-0.5).exp2_().mul_(delta)
+            return values.masked_fill_(underflow, 0).to(x.dtype)
         positive = x > 0
         # Non-positive entries take log2(1) = 0 here (finite, so no NaN gradient) and become 0 below.
         ratio = torch.where(positive, x, delta) / delta
