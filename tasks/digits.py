@@ -29,7 +29,7 @@ from torch import nn
 
 from benchsuite.api import CalibrationSet, Evaluation, ModelSpec, Task, TaskInfo, sha256_of
 from benchsuite.errors import DataError
-from benchsuite.metrics.classification import classification_metrics, evaluate_classifier
+from benchsuite.metrics.classification import classification_metrics, evaluate_classifier, reference_logits
 from benchsuite.weights import file_sha256, load_into
 from benchsuite.weights import load_weights_file as _read_weights_file
 
@@ -376,15 +376,7 @@ class DigitsTask(Task):
         split = digits_split("test")
         n = self._eval_size(len(split))
         logits, labels = evaluate_classifier(model, self._batches(split, n), self.options.device)
-        reference_logits = None
-        if reference is not None and reference.outputs is not None:
-            reference_logits = torch.as_tensor(reference.outputs).to("cpu", torch.float32)
-            if reference_logits.shape != logits.shape:
-                raise DataError(
-                    f"reference outputs have shape {tuple(reference_logits.shape)}, "
-                    f"this evaluation {tuple(logits.shape)}: were they made with the same eval limit?"
-                )
-        metrics = classification_metrics(logits, labels, reference_logits)
+        metrics = classification_metrics(logits, labels, reference_logits(reference, logits))
         details = {"samples": n, "sample_ids_sha256": sha256_of(split.ids[:n])}
         return Evaluation(metrics=metrics, outputs=logits, details=details)
 

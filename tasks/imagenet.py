@@ -41,7 +41,7 @@ from torch import nn
 
 from benchsuite.api import CalibrationSet, Evaluation, ModelSpec, Task, TaskInfo, sha256_of
 from benchsuite.errors import DataError, UnknownNameError
-from benchsuite.metrics.classification import classification_metrics, evaluate_classifier
+from benchsuite.metrics.classification import classification_metrics, evaluate_classifier, reference_logits
 from benchsuite.weights import file_sha256, load_into, load_weights_file
 
 __all__ = [
@@ -675,15 +675,7 @@ class ImageNetTask(Task):
         )
         if logits.shape[1] != NUM_CLASSES:
             raise DataError(f"model {model_name!r} outputs {logits.shape[1]} classes; ImageNet-1k needs {NUM_CLASSES}")
-        reference_logits = None
-        if reference is not None and reference.outputs is not None:
-            reference_logits = torch.as_tensor(reference.outputs).to("cpu", torch.float32)
-            if reference_logits.shape != logits.shape:
-                raise DataError(
-                    f"reference outputs have shape {tuple(reference_logits.shape)}, "
-                    f"this evaluation {tuple(logits.shape)}: were they made with the same eval limit?"
-                )
-        metrics = classification_metrics(logits, labels, reference_logits)
+        metrics = classification_metrics(logits, labels, reference_logits(reference, logits))
         details = {
             "samples": len(ids),
             "sample_ids_sha256": _ids_hash(ids),

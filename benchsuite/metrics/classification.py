@@ -112,3 +112,23 @@ def _check_pair(logits: Tensor, reference: Tensor) -> tuple[Tensor, Tensor]:
             "(samples, classes) shape"
         )
     return logits, reference.to(logits.device)
+
+
+def reference_logits(reference: object, logits: torch.Tensor) -> torch.Tensor | None:
+    """The float model's logits from a reference Evaluation, checked against ``logits``.
+
+    Returns None without a reference. A shape mismatch means the two evaluations did not see
+    the same samples (e.g. another eval limit), which would make agreement and KL meaningless.
+    """
+    outputs = getattr(reference, "outputs", None)
+    if outputs is None:
+        return None
+    from benchsuite.errors import DataError
+
+    ref = torch.as_tensor(outputs).to("cpu", torch.float32)
+    if ref.shape != logits.shape:
+        raise DataError(
+            f"reference outputs have shape {tuple(ref.shape)}, this evaluation "
+            f"{tuple(logits.shape)}: were they made with the same eval limit?"
+        )
+    return ref
