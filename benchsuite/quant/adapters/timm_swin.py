@@ -32,7 +32,6 @@ import torch
 from timm.layers import ClassifierHead
 from timm.layers import activations as timm_activations
 from timm.layers.mlp import Mlp
-from timm.layers.patch_embed import PatchEmbed
 from timm.models.swin_transformer import (
     PatchMerging,
     SwinTransformer,
@@ -43,6 +42,7 @@ from timm.models.swin_transformer import (
 from torch import nn
 
 from benchsuite.quant.adapters import UnsupportedModelError
+from benchsuite.quant.adapters.checks import check_fresh_conv_embedding, unsupported
 from benchsuite.quant.canonical import BlockSites, CanonicalModel, InputKind, LayerNormPair, Role, Site
 from benchsuite.quant.modules import QuantConv2d, QuantLinear, QuantMatMul, QuantModule
 
@@ -160,16 +160,12 @@ class CanonicalWindowAttention(nn.Module):
 
 
 def _unsupported(model: nn.Module, why: str) -> UnsupportedModelError:
-    return UnsupportedModelError(f"{FAMILY} adapter cannot rewrite {type(model).__name__}: {why}")
+    return unsupported(FAMILY, model, why)
 
 
 def _check_supported(model: SwinTransformer) -> None:
     """Refuse structures whose forward this adapter does not reproduce."""
-    if any(isinstance(m, QuantModule) for m in model.modules()):
-        raise _unsupported(model, "it is already adapted (it contains QuantModules)")
-    embed = model.patch_embed
-    if not isinstance(embed, PatchEmbed) or not isinstance(embed.proj, nn.Conv2d):
-        raise _unsupported(model, f"patch embedding {type(embed).__name__} is not a conv PatchEmbed")
+    check_fresh_conv_embedding(FAMILY, model)
     head = model.head
     if not isinstance(head, ClassifierHead) or not isinstance(head.fc, (nn.Linear, nn.Identity)):
         raise _unsupported(model, "the head is not a timm ClassifierHead with a Linear (or no) fc")

@@ -26,11 +26,11 @@ import torch
 from timm.layers import activations as timm_activations
 from timm.layers.attention import Attention
 from timm.layers.mlp import GluMlp, Mlp, SwiGLU
-from timm.layers.patch_embed import PatchEmbed
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from benchsuite.quant.adapters import UnsupportedModelError
+from benchsuite.quant.adapters.checks import check_fresh_conv_embedding, unsupported
 from benchsuite.quant.canonical import BlockSites, CanonicalModel, InputKind, LayerNormPair, Role, Site
 from benchsuite.quant.modules import QuantConv2d, QuantLinear, QuantMatMul, QuantModule
 
@@ -170,16 +170,12 @@ class CanonicalAttention(nn.Module):
 
 
 def _unsupported(model: nn.Module, why: str) -> UnsupportedModelError:
-    return UnsupportedModelError(f"{FAMILY} adapter cannot rewrite {type(model).__name__}: {why}")
+    return unsupported(FAMILY, model, why)
 
 
 def _check_supported(model: VisionTransformer) -> None:
     """Refuse structures whose forward this adapter does not reproduce."""
-    if any(isinstance(m, QuantModule) for m in model.modules()):
-        raise _unsupported(model, "it is already adapted (it contains QuantModules)")
-    embed = model.patch_embed
-    if not isinstance(embed, PatchEmbed) or not isinstance(embed.proj, nn.Conv2d):
-        raise _unsupported(model, f"patch embedding {type(embed).__name__} is not a conv PatchEmbed")
+    check_fresh_conv_embedding(FAMILY, model)
     if getattr(model, "attn_pool", None) is not None:
         raise _unsupported(model, "attention pooling heads are not supported")
     problems: set[str] = set()
