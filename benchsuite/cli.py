@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="float weights file (safetensors or a weights-only torch checkpoint)")
     run.add_argument("--config", type=_assignment, action="append", default=[], metavar="METHOD.FIELD=VALUE",
                      help="override a method config field, e.g. minmax.calib_size=64")
+    run.add_argument("--budget", choices=("paper", "fast"),
+                     help="reconstruction methods: the paper's steps and images, or a reduced budget "
+                          "for CPUs (recorded in every result; default paper, demo fast)")
     run.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"result folder (default {DEFAULT_OUT})")
     run.add_argument("--overwrite", choices=("only-missing", "never", "always"), default="only-missing",
                      help="only-missing: rerun missing and failed cells (default); never; always")

@@ -17,6 +17,9 @@ from typing import Any, ClassVar, TypeVar
 
 from benchsuite.errors import ConfigError
 
+if typing.TYPE_CHECKING:
+    from benchsuite.bits import BitSpec
+
 C = TypeVar("C", bound="MethodConfig")
 
 
@@ -62,6 +65,14 @@ class MethodConfig:
                 )
             values[key] = parse_field_value(text, hints[key], key)
         return dataclasses.replace(self, **values)
+
+    def resolve(self: C, bits: BitSpec) -> C:
+        """The config with every field that depends on the cell's bit widths filled in.
+
+        The runner calls this before running a cell and stores the result, so a record names the
+        iteration count (say) that actually ran, not "by budget". The base has nothing to fill.
+        """
+        return self
 
     def describe(self) -> str:
         """One line ``name=value, ...`` for listings."""

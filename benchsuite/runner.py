@@ -152,7 +152,7 @@ def _unique(items: Iterable[Any]) -> list[Any]:
 
 def cell_config(method: Method, task: Task, cell: Cell) -> MethodConfig:
     """The method's paper defaults, with the cell's overrides and calibration size applied."""
-    config = method.default_config().with_overrides(dict(cell.config_overrides))
+    config = method.default_config().with_overrides(dict(cell.config_overrides)).resolve(cell.bits)
     calib_size = cell.calib_size or config.calib_size or task.info.default_calib_size
     return dataclasses.replace(config, calib_size=calib_size)
 

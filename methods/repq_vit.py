@@ -27,7 +27,8 @@ from torch import nn
 
 from benchsuite.api import CalibrationSet, Method, MethodConfig
 from benchsuite.bits import BitSpec
-from benchsuite.quant.canonical import CanonicalModel, InputKind, Site
+from benchsuite.quant.calibration import fit, fit_weight_quantizer
+from benchsuite.quant.canonical import CanonicalModel, InputKind
 from benchsuite.quant.quantizers import LogSqrt2Quantizer, Quantizer, UniformQuantizer
 from benchsuite.quant.reparam import reparameterize_pair
 
@@ -88,7 +89,7 @@ class RepQViT(Method):
                     quantizer = _activation_quantizer(kind, bits.a_bits, per_channel, config)
                     site.module.set_input_quantizer(index, quantizer)
                 if site.module.has_weight:
-                    site.module.set_weight_quantizer(_fitted_weight_quantizer(site, bits.w_bits, config))
+                    site.module.set_weight_quantizer(fit_weight_quantizer(site.module, bits.w_bits, config.percentiles))
 
             device = next(model.parameters()).device
             model(torch.cat([batch.to(device) for batch in calibration]))  # lazy init, in order
@@ -103,7 +104,7 @@ class RepQViT(Method):
                     )
                     if config.recalibrate_after_reparam:
                         for linear in pair.linears:
-                            _fit(linear.weight_quantizer, linear.weight)
+                            fit(linear.weight_quantizer, linear.weight)
         self._info = {
             "layernorm_pairs": len(pairs),
             "reparameterized": config.post_layernorm == "reparam",
@@ -127,25 +128,6 @@ def _activation_quantizer(kind: InputKind, a_bits: int, per_channel: bool, confi
         percentiles=config.percentiles,
         lazy_init=True,
     )
-
-
-def _fitted_weight_quantizer(site: Site, w_bits: int, config: RepQViTConfig) -> UniformQuantizer:
-    quantizer = UniformQuantizer(
-        w_bits,
-        granularity="channel",
-        channel_dim=site.module.weight_channel_dim,
-        init="percentile_mse",
-        percentiles=config.percentiles,
-    )
-    _fit(quantizer, site.module.weight)
-    return quantizer
-
-
-def _fit(quantizer: Quantizer | None, tensor: torch.Tensor) -> None:
-    assert quantizer is not None
-    quantizer.reset()
-    quantizer.observe(tensor.detach())
-    quantizer.finalize()
 
 
 def _check_all_initialized(model: CanonicalModel) -> None:

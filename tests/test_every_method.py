@@ -5,6 +5,8 @@ Adding a method (built in or installed) adds it here without writing a test.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -25,6 +27,13 @@ def tiny_swin():
                            window_size=4, num_classes=10).eval()
 
 
+def quick(config):
+    """Reconstruction methods with a few steps: this test checks wiring, not accuracy."""
+    fields = {f.name for f in dataclasses.fields(config)}
+    changes = {name: value for name, value in (("budget", "fast"), ("iters", 3)) if name in fields}
+    return dataclasses.replace(config, **changes)
+
+
 FAMILIES = {"timm_vit": (toy_vit, 16), "timm_swin": (tiny_swin, 32)}
 
 
@@ -37,7 +46,7 @@ def test_method_quantizes_every_family(method_name, family):
     with torch.no_grad():
         reference = float_model(images)
     method = registry.methods.get(method_name)()
-    config = method.default_config()
+    config = quick(method.default_config())
     model = adapt(factory())
     calibration = CalibrationSet.from_tensor(images, [str(i) for i in range(8)], "random", 0)
     bits = BitSpec(4, 4) if method.quantizes else BitSpec(None, None)

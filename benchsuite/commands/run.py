@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections import defaultdict
 
 from rich.console import Console
@@ -54,6 +55,27 @@ def _config_overrides(pairs: list[tuple[str, str]]) -> dict[str, dict[str, str]]
     return dict(overrides)
 
 
+def _with_budget(
+    overrides: dict[str, dict[str, str]], methods: list[str], budget: str | None
+) -> dict[str, dict[str, str]]:
+    """Add ``budget=<budget>`` for every method whose config has a budget field.
+
+    An explicit ``--config METHOD.budget=...`` wins. Methods without the field are untouched, so
+    the override (which becomes part of the cell key) appears only where it means something.
+    """
+    if budget is None:
+        return overrides
+    merged = {name: dict(values) for name, values in overrides.items()}
+    for method in methods:
+        entry = registry.methods.entry(method)
+        if registry.methods.availability().get(entry.name) is not None:
+            continue
+        fields = {f.name for f in dataclasses.fields(registry.methods.get(entry.name).config_class)}
+        if "budget" in fields:
+            merged.setdefault(entry.name, {}).setdefault("budget", budget)
+    return merged
+
+
 def _describe(cell: Cell) -> str:
     extra = f" calib={cell.calib_size}" if cell.calib_size else ""
     extra += "".join(f" {k}={v}" for k, v in cell.config_overrides)
@@ -88,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
         seeds=args.seeds,
         models=args.models,
         calib_size=args.calib_size,
-        config_overrides=_config_overrides(args.config),
+        config_overrides=_with_budget(
+            _config_overrides(args.config), methods, args.budget or ("fast" if demo else None)
+        ),
     )
     cells = plan_cells(request, settings)
     if args.dry_run:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -10,9 +10,18 @@ import torch
 from torch import nn
 
 from benchsuite.quant.canonical import CanonicalModel
-from benchsuite.quant.quantizers import Quantizer
+from benchsuite.quant.quantizers import Quantizer, UniformQuantizer
 
-__all__ = ["iter_quantizers", "observe", "observing", "set_enabled"]
+__all__ = [
+    "calibration_tensor",
+    "fit",
+    "fit_weight_quantizer",
+    "iter_quantizers",
+    "model_device",
+    "observe",
+    "observing",
+    "set_enabled",
+]
 
 
 def iter_quantizers(model: CanonicalModel) -> Iterator[Quantizer]:
@@ -81,3 +90,43 @@ def set_enabled(quantizers: Iterable[Quantizer], flag: bool) -> None:
     """Enable (fake-quantize) or disable (identity) every quantizer in ``quantizers``."""
     for q in quantizers:
         q.enabled = flag
+
+
+def fit(quantizer: Quantizer, tensor: torch.Tensor) -> Quantizer:
+    """Calibrate ``quantizer`` on ``tensor`` alone (forgetting anything seen before)."""
+    quantizer.reset()
+    quantizer.observe(tensor.detach())
+    quantizer.finalize()
+    return quantizer
+
+
+def fit_weight_quantizer(module: nn.Module, bits: int, percentiles: Sequence[float]) -> UniformQuantizer:
+    """A per-output-channel weight quantizer fitted by the percentile / MSE search.
+
+    RepQ-ViT uses the three activation percentiles here (near min-max); I&S-ViT and its
+    successors a nine-point grid that allows real clipping.
+    """
+    quantizer = UniformQuantizer(
+        bits,
+        granularity="channel",
+        channel_dim=getattr(module, "weight_channel_dim", 0),
+        init="percentile_mse",
+        percentiles=percentiles,
+    )
+    fit(quantizer, getattr(module, "weight"))
+    return quantizer
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where the model's parameters live (CPU for a model without parameters)."""
+    first = next(model.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
+
+
+def calibration_tensor(batches: Iterable[Any], device: torch.device | str | None = None) -> torch.Tensor:
+    """All calibration batches as one tensor (reconstruction methods index rows of it)."""
+    tensors = [batch if isinstance(batch, torch.Tensor) else torch.as_tensor(batch) for batch in batches]
+    if not tensors:
+        raise ValueError("the calibration set is empty")
+    joined = torch.cat(tensors)
+    return joined.to(device) if device is not None else joined

@@ -67,13 +67,26 @@ class Site:
 
 @dataclass
 class BlockSites:
-    """A transformer block, with its attention and MLP reachable separately."""
+    """A transformer block, with its attention and MLP reachable separately.
+
+    Reconstruction methods optimise the attention and the MLP as separate units, so each needs an
+    input that can be cached per image and a callable that maps it to the sub-module's output.
+    By default that is the sub-module's own first input and its own forward. A family whose
+    attention does not take image-batched input (Swin's window attention reads
+    ``(batch · windows, N, C)`` and a per-window mask) names instead the module whose *output* is
+    the attention unit's input (``attention_entry = (norm1, True)``) and the block method that
+    continues from there (``attention_call = "_attn"``: shift, partition, attention, merge).
+    """
 
     index: int
     module: nn.Module
     attention: nn.Module
     mlp: nn.Module
     sites: list[Site] = field(default_factory=list)
+    #: (module, read its output?) where the attention unit's input is read; None: attention's input.
+    attention_entry: tuple[nn.Module, bool] | None = None
+    #: Name of the block method that maps that input to the attention output; None: attention itself.
+    attention_call: str | None = None
 
 
 @dataclass

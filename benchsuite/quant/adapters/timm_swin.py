@@ -256,7 +256,17 @@ def adapt_timm_swin(model: nn.Module) -> CanonicalModel:
                 site(f"{prefix}.mlp.fc2", mlp.fc2, index),
             ]
             sites += block_sites
-            blocks.append(BlockSites(index, block, attention=attn, mlp=mlp, sites=block_sites))
+            blocks.append(
+                BlockSites(
+                    index,
+                    block,
+                    attention=attn,
+                    mlp=mlp,
+                    sites=block_sites,
+                    attention_entry=(block.norm1, True),
+                    attention_call="_attn",
+                )
+            )
             add_pair(block.norm1, [attn.qkv])
             add_pair(block.norm2, [mlp.fc1])
             index += 1

@@ -1,0 +1,48 @@
+"""Compute budgets for reconstruction methods: the paper's, or a reduced one that is recorded.
+
+The reconstruction papers tune every unit for 200 to 5000 steps on 1024 images, which takes tens
+of minutes on a GPU and many hours on a CPU. ``budget="fast"`` runs the same algorithm with fewer
+steps and images so that it fits a CPU, a test or the demo. A fast result is not the paper's
+number: the budget, the resolved iteration count and the calibration size are fields of the
+config that every result stores, and the cell key includes the override, so paper and fast rows
+never mix silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from benchsuite.bits import BitSpec
+
+__all__ = ["Budget", "BudgetTable", "FAST_CALIB_SIZE", "FAST_ITERS"]
+
+Budget = Literal["paper", "fast"]
+
+#: Steps per unit (and per stage) under the fast budget.
+FAST_ITERS = 100
+#: Calibration images under the fast budget.
+FAST_CALIB_SIZE = 128
+
+
+@dataclass(frozen=True)
+class BudgetTable:
+    """A method's paper budget: steps per unit by bit width, and calibration images.
+
+    ``iters_low_bits`` applies at or below ``low_bits_max`` activation/weight bits (the papers'
+    3- and 4-bit rows), ``iters_high_bits`` above (the 6-bit rows).
+    """
+
+    iters_low_bits: int
+    iters_high_bits: int
+    calib_size: int
+    low_bits_max: int = 4
+
+    def iters(self, budget: Budget, bits: BitSpec) -> int:
+        if budget == "fast":
+            return FAST_ITERS
+        widest = max(b for b in (bits.w_bits, bits.a_bits) if b is not None) if not bits.is_float else 32
+        return self.iters_low_bits if widest <= self.low_bits_max else self.iters_high_bits
+
+    def calib(self, budget: Budget) -> int:
+        return FAST_CALIB_SIZE if budget == "fast" else self.calib_size
