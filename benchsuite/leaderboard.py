@@ -168,10 +168,10 @@ def _error_text(error: Any) -> str:
 
 
 def _dedupe(results: list[Result]) -> list[Result]:
-    """One result per (task, model, method, bits, seed): an ok one beats a failed one, else last."""
+    """One result per (task, model, method variant, bits, seed): an ok one beats a failed one, else last."""
     chosen: dict[tuple[Any, ...], Result] = {}
     for result in results:
-        key = (result.task, result.model, result.method, _normalize_bits(result.bits), result.seed)
+        key = (result.task, result.model, result.method_label, _normalize_bits(result.bits), result.seed)
         previous = chosen.get(key)
         if previous is not None and previous.ok and not result.ok:
             continue
@@ -212,7 +212,7 @@ def results_frame(results: Iterable[Result]) -> pd.DataFrame:
         base = {
             "task": result.task,
             "model": result.model,
-            "method": result.method,
+            "method": result.method_label,
             "bits": bits,
             "seed": result.seed,
             "status": result.status,

@@ -59,6 +59,19 @@ class Result:
     def ok(self) -> bool:
         return self.status == STATUS_OK
 
+    @property
+    def method_label(self) -> str:
+        """The method's name, plus its config overrides when the cell ran a variant.
+
+        ``isvit [budget=fast]`` and ``aiqvit [use_ailoc=false]`` are different rows of a
+        leaderboard: an ablation or a reduced budget must never pass for the method's default.
+        """
+        overrides = self.cell.get("config_overrides") or {}
+        items = sorted(overrides.items() if isinstance(overrides, dict) else (tuple(p) for p in overrides))
+        if not items:
+            return self.method
+        return f"{self.method} [{', '.join(f'{key}={value}' for key, value in items)}]"
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

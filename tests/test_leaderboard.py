@@ -353,3 +353,12 @@ def test_all_seeds_failed_cell_and_rerun_wins():
     table = leaderboard_table(results)
     assert table.at["q", ("t", "m", "top1", "w4a4")] == "2 failed"
     assert table.at["r", ("t", "m", "top1", "w4a4")] == "70.00 (\u221210.00)"
+
+
+def test_a_variant_is_its_own_row_and_never_replaces_the_default():
+    default = make("t", "m", "isvit", "w4a4", 0, {"top1": 50.0})
+    fast = make("t", "m", "isvit", "w4a4", 0, {"top1": 40.0},
+                cell={"config_overrides": {"budget": "fast"}})
+    frame = results_frame([default, fast])
+    assert sorted(frame["method"].unique()) == ["isvit", "isvit [budget=fast]"]
+    assert sorted(frame["value"]) == [40.0, 50.0]
