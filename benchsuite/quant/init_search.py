@@ -18,6 +18,9 @@ in the data's dtype, ``lerp`` between the two neighbouring order statistics), so
 linear rule is the same); here the order statistics come from ``torch.topk`` (only the tails
 that the percentiles need, much faster than sorting tens of millions of values) or a full sort,
 so any size works with the same rule.
+
+:func:`search_uniform_lp` is a different search, QDrop's (used by ADFQ-ViT for Q, K and V): a grid
+over clipping ranges and zero points minimizing the mean ``|x - x̂|^p`` with ``p = 2.4``.
 """
 
 from __future__ import annotations
@@ -28,12 +31,15 @@ from typing import Literal
 import torch
 
 __all__ = [
+    "DEFAULT_LP_NORM",
     "DEFAULT_PERCENTILES",
+    "LP_SEARCH_STEPS",
     "fake_quantize_uniform",
     "fake_quantize_log_sqrt2",
     "order_statistics",
     "quantiles",
     "search_log_sqrt2_scale",
+    "search_uniform_lp",
     "search_uniform_params",
     "search_uniform_rows",
     "to_rows",
@@ -270,3 +276,89 @@ def search_log_sqrt2_scale(
             [fake_quantize_log_sqrt2(rows, delta, bits).sub_(rows).square_().mean() for delta in candidates]
         ).nan_to_num(nan=float("inf"))
         return candidates[errors.argmin()].reshape(1)
+
+
+#: Exponent of the error the Q/K/V search minimizes (QDrop's ``lp_loss(..., 2.4)``).
+DEFAULT_LP_NORM = 2.4
+#: Number of range fractions (2-D search) or thresholds (1-D search) tried: QDrop's ``num``.
+LP_SEARCH_STEPS = 100
+#: Most elements one batched evaluation of candidates may touch (bounds the search's memory).
+_LP_CHUNK_ELEMENTS = 1 << 23
+
+
+def _lp_qparams(
+    low: torch.Tensor, high: torch.Tensor, bits: int, min_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """QDrop's ``calculate_qparams``: the range widened to contain 0, Δ ≥ ``min_scale``, z in the grid."""
+    qmax = 2**bits - 1
+    low_neg = torch.clamp_max(low, 0.0)
+    high_pos = torch.clamp_min(high, 0.0)
+    scale = ((high_pos - low_neg) / float(qmax)).clamp_min(min_scale)
+    zero_point = torch.clamp(0.0 - torch.round(low_neg / scale), 0, qmax)  # 0 - round: no -0.0
+    return scale, zero_point
+
+
+def _lp_errors(
+    x: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, bits: int, p: float
+) -> torch.Tensor:
+    """Mean ``|x - x̂|^p`` of ``x`` (1-D) for each candidate (Δ, z) (1-D each), plain rounding."""
+    chunk = max(1, _LP_CHUNK_ELEMENTS // max(1, x.numel()))
+    errors = []
+    for start in range(0, scales.numel(), chunk):
+        scale = scales[start : start + chunk, None]
+        zero_point = zero_points[start : start + chunk, None]
+        x_q = fake_quantize_uniform(x[None, :], scale, zero_point, bits)
+        errors.append(x_q.sub_(x[None, :]).abs_().pow_(p).mean(dim=1))
+    return torch.cat(errors)
+
+
+def search_uniform_lp(
+    x: torch.Tensor,
+    bits: int,
+    p: float = DEFAULT_LP_NORM,
+    *,
+    steps: int = LP_SEARCH_STEPS,
+    min_scale: float = MIN_SCALE,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tensor asymmetric (Δ, z) minimizing the mean ``|x - x̂|^p``: QDrop's MSE search.
+
+    ADFQ-ViT initializes its Q, K and V quantizers this way (adfq_vit.md §3), with p = 2.4:
+
+    - ``x`` with both signs: a 2-D search. For ``i = 1 .. steps`` the range is
+      ``r_i = (max - min) · i / steps`` with ``Δ_i = r_i / (2**b - 1)``; for every zero point
+      ``z = 0 .. 2**b - 1`` the grid is ``[-z·Δ_i, r_i - z·Δ_i]``;
+    - one-signed ``x`` (all ``≥ 0``, or all ``≤ 0``): a 1-D search over thresholds
+      ``t_i = max(|min|, max) · i / steps``, grid ``[0, t_i]`` or ``[-t_i, 0]``.
+
+    Each candidate grid goes through QDrop's ``calculate_qparams`` (range widened to contain 0,
+    ``Δ = range / (2**b - 1)`` at least ``min_scale``, ``z = -round(min / Δ)`` clamped to the grid)
+    and is scored with plain rounding; the first candidate with the lowest score wins, in the
+    reference's loop order (range outer, zero point inner). Candidates are evaluated in batches
+    (vectorised over zero points). Returns 1-element ``(scale, zero_point)`` tensors, ``z`` an
+    integer, in ``x``'s dtype (float32 for non-float inputs).
+    """
+    if not p > 0:
+        raise ValueError(f"p must be positive, got {p!r}")
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps!r}")
+    with torch.no_grad():
+        flat = _check_rows(x.detach().reshape(1, -1))[0]
+        x_min, x_max = flat.amin(), flat.amax()
+        qmax = 2**bits - 1
+        fractions = torch.arange(1, steps + 1, dtype=flat.dtype, device=flat.device)
+        if bool(x_min >= 0) or bool(x_max <= 0):
+            # QDrop computes thres = xrange / num * i (divide first, then multiply).
+            thresholds = torch.maximum(x_min.abs(), x_max) / steps * fractions
+            zeros = torch.zeros_like(thresholds)
+            low, high = (zeros, thresholds) if bool(x_min >= 0) else (-thresholds, zeros)
+        else:
+            ranges = (x_max - x_min) / steps * fractions  # tmp_max for every i
+            steps_delta = ranges / float(qmax)  # tmp_delta
+            zps = torch.arange(0, qmax + 1, dtype=flat.dtype, device=flat.device)
+            shift = zps[None, :] * steps_delta[:, None]  # (steps, 2**b), zp * tmp_delta
+            low = (0.0 - shift).reshape(-1)
+            high = (ranges[:, None] - shift).reshape(-1)
+        scales, zero_points = _lp_qparams(low, high, bits, min_scale)
+        errors = _lp_errors(flat, scales, zero_points, bits, float(p)).nan_to_num(nan=float("inf"))
+        best = int(errors.argmin())
+        return scales[best].reshape(1), zero_points[best].reshape(1)

@@ -17,11 +17,15 @@ of them in execution order, each on inputs that already passed the quantized ups
 
 :class:`UniformQuantizer` initializes by min-max (``init="minmax"``) or by the percentile/MSE
 search of :mod:`benchsuite.quant.init_search` (``init="percentile_mse"``), which keeps the
-observed tensors until :meth:`~Quantizer.finalize`. :class:`LogSqrt2Quantizer` is the log√2
-quantizer for post-softmax attention probabilities.
+observed tensors until :meth:`~Quantizer.finalize`, or by the L_p grid search of QDrop and
+ADFQ-ViT (``init="lp_search"``). :class:`LogSqrt2Quantizer` is the log√2 quantizer for
+post-softmax attention probabilities.
 
 Rounding uses a straight-through estimator so reconstruction-based methods can back-propagate
-through quantized layers.
+through quantized layers; ``straight_through=False`` switches to plain rounding (zero gradient to
+the input through the rounding), which is how ADFQ-ViT's reference code trains. A method that
+learns a step size calls ``make_scale_learnable()``, which turns the ``scale`` buffer into an
+``nn.Parameter`` with the same values (LSQ-style gradients then reach it).
 """
 
 from __future__ import annotations
@@ -33,8 +37,10 @@ import torch
 from torch import nn
 
 from benchsuite.quant.init_search import (
+    DEFAULT_LP_NORM,
     DEFAULT_PERCENTILES,
     search_log_sqrt2_scale,
+    search_uniform_lp,
     search_uniform_rows,
     to_rows,
 )
@@ -50,7 +56,7 @@ __all__ = [
 ]
 
 Granularity = Literal["tensor", "channel"]
-InitMethod = Literal["minmax", "percentile_mse"]
+InitMethod = Literal["minmax", "percentile_mse", "lp_search"]
 
 #: Lower bound of a step size: a constant tensor (max == min) would otherwise give Δ = 0.
 MIN_SCALE = 1e-8
@@ -157,6 +163,67 @@ class Quantizer(nn.Module):
         lazy = ", lazy_init=True" if self.lazy_init else ""
         return f"bits={self.bits}, enabled={self.enabled}, {state}{lazy}"
 
+    # -- helpers for tensors that are buffers until a method makes them learnable ----------------
+
+    def _set_tensor(self, name: str, value: torch.Tensor) -> None:
+        """Store ``value`` under ``name``, keeping whether it is a buffer or a Parameter.
+
+        A Parameter of the same shape is overwritten in place, so an optimizer that already holds
+        it keeps training the new values; one of another shape is replaced by a new Parameter
+        (an optimizer built before must then be rebuilt).
+        """
+        current = self._parameters.get(name)
+        if current is None:
+            setattr(self, name, value)
+            return
+        value = value.detach().to(device=current.device, dtype=current.dtype)
+        if current.shape == value.shape:
+            with torch.no_grad():
+                current.copy_(value)
+        else:
+            self._parameters[name] = nn.Parameter(value.clone(), requires_grad=current.requires_grad)
+
+    def _make_learnable(self, name: str) -> nn.Parameter:
+        """Turn the calibrated buffer ``name`` into an ``nn.Parameter`` with the same values."""
+        current = getattr(self, name)
+        if isinstance(current, nn.Parameter):
+            return current
+        if current.numel() == 0:
+            raise RuntimeError(
+                f"{type(self).__name__}.{name} is empty: calibrate the quantizer before making it learnable"
+            )
+        delattr(self, name)
+        parameter = nn.Parameter(current.detach().clone())
+        self.register_parameter(name, parameter)
+        return parameter
+
+    def _make_buffer(self, name: str, value: torch.Tensor) -> None:
+        """Store ``value`` as the buffer ``name``, turning a learnable Parameter back into a buffer."""
+        if name in self._parameters:
+            delattr(self, name)
+            self.register_buffer(name, value)
+        else:
+            setattr(self, name, value)
+
+    def _resize_for_load(self, state_dict: dict[str, Any], prefix: str, names: Sequence[str]) -> None:
+        """Give the tensors ``names`` the shapes saved in ``state_dict`` before loading into them.
+
+        Calibrated tensors start empty and take their shape at calibration, so a calibrated state
+        could not load into a fresh quantizer otherwise. Buffers are always replaced (as before
+        learnable parameters existed); a Parameter stays a Parameter and is replaced only when
+        its shape differs, so an optimizer holding it keeps it.
+        """
+        for name in names:
+            saved = state_dict.get(prefix + name)
+            if not isinstance(saved, torch.Tensor):
+                continue
+            current = getattr(self, name)
+            empty = torch.empty(saved.shape, dtype=current.dtype, device=current.device)
+            if not isinstance(current, nn.Parameter):
+                setattr(self, name, empty)
+            elif current.shape != saved.shape:
+                self._parameters[name] = nn.Parameter(empty, requires_grad=current.requires_grad)
+
 
 class UniformQuantizer(Quantizer):
     """Asymmetric uniform fake quantizer, per tensor or per channel, with STE rounding.
@@ -191,6 +258,14 @@ class UniformQuantizer(Quantizer):
 
     Reductions use ``amin``/``amax``, and the search uses ``topk``/sort-based order statistics
     (never ``torch.quantile``), so tensors of any size work.
+
+    With ``init="lp_search"`` (per tensor, asymmetric only) the observed tensors are kept likewise
+    and :func:`~benchsuite.quant.init_search.search_uniform_lp` picks (Δ, z) minimizing the mean
+    ``|x - x̂|^lp_norm`` (L_2.4 by default): QDrop's search, used by ADFQ-ViT for Q, K and V.
+
+    ``straight_through=False`` rounds with plain ``torch.round`` when autograd is on: no gradient
+    reaches ``x`` through the rounding (ADFQ-ViT's reference gradient mode), while a learnable Δ
+    still gets ``x_int - z`` from the dequantizing multiplication. Forward values are identical.
     """
 
     scale: torch.Tensor
@@ -209,19 +284,27 @@ class UniformQuantizer(Quantizer):
         init: InitMethod = "minmax",
         percentiles: Sequence[float] = DEFAULT_PERCENTILES,
         lazy_init: bool = False,
+        lp_norm: float = DEFAULT_LP_NORM,
+        straight_through: bool = True,
     ) -> None:
         super().__init__(bits, enabled, lazy_init=lazy_init)
         if granularity not in ("tensor", "channel"):
             raise ValueError(f"granularity must be 'tensor' or 'channel', got {granularity!r}")
-        if init not in ("minmax", "percentile_mse"):
-            raise ValueError(f"init must be 'minmax' or 'percentile_mse', got {init!r}")
-        if init == "percentile_mse" and symmetric:
-            raise ValueError("the percentile_mse search is for the asymmetric quantizer only")
+        if init not in ("minmax", "percentile_mse", "lp_search"):
+            raise ValueError(f"init must be 'minmax', 'percentile_mse' or 'lp_search', got {init!r}")
+        if init in ("percentile_mse", "lp_search") and symmetric:
+            raise ValueError(f"the {init} search is for the asymmetric quantizer only")
+        if init == "lp_search" and granularity != "tensor":
+            raise ValueError("the lp_search initialization is per tensor only")
+        if not lp_norm > 0:
+            raise ValueError(f"lp_norm must be positive, got {lp_norm!r}")
         self.granularity: Granularity = granularity
         self.channel_dim = channel_dim
         self.symmetric = symmetric
         self.init: InitMethod = init
         self.percentiles = _check_percentiles(percentiles)
+        self.lp_norm = float(lp_norm)
+        self.straight_through = straight_through
         #: Observed tensors as (rows, values), kept for the search until finalize (not saved).
         self._samples: list[torch.Tensor] = []
         # Empty until calibrated; _load_from_state_dict resizes them so a calibrated state loads.
@@ -248,10 +331,21 @@ class UniformQuantizer(Quantizer):
         return self.min_val.numel() > 0
 
     def reset(self) -> None:
+        """Forget statistics and parameters; a learnable ``scale`` becomes a buffer again."""
         for name in ("scale", "zero_point", "min_val", "max_val"):
-            setattr(self, name, torch.empty(0, device=getattr(self, name).device))
+            self._make_buffer(name, torch.empty(0, device=getattr(self, name).device))
         self._observed_ndim = None
         self._samples = []
+
+    def make_scale_learnable(self) -> nn.Parameter:
+        """Turn the calibrated ``scale`` buffer into an ``nn.Parameter`` (same values) and return it.
+
+        Gradients then reach Δ LSQ-style through the straight-through forward (or only through
+        the dequantizing multiplication with ``straight_through=False``). ``zero_point`` stays a
+        frozen buffer. :meth:`finalize` and :meth:`set_params` overwrite the Parameter in place
+        when the shape is unchanged; :meth:`reset` turns it back into an empty buffer.
+        """
+        return self._make_learnable("scale")
 
     # -- calibration -------------------------------------------------------------------------
 
@@ -287,7 +381,7 @@ class UniformQuantizer(Quantizer):
             high = torch.maximum(self.max_val, high)
         self.min_val, self.max_val = low, high
         self._observed_ndim = x.ndim
-        if self.init == "percentile_mse":
+        if self.init in ("percentile_mse", "lp_search"):
             axis = self._channel_axis(x.ndim) if self.per_channel else 0
             self._samples.append(_private_rows(x, self.granularity, axis))
 
@@ -299,17 +393,20 @@ class UniformQuantizer(Quantizer):
         """
         if not self.has_observations:
             raise RuntimeError(f"{self.__class__.__name__} cannot finalize: it observed no data")
-        if self.init == "percentile_mse":
+        if self.init in ("percentile_mse", "lp_search"):
             if not self._samples:
                 raise RuntimeError(
                     f"{self.__class__.__name__} cannot finalize: no tensors kept since the last "
-                    "finalize (the percentile search consumes them)"
+                    f"finalize (the {self.init} search consumes them)"
                 )
             samples, self._samples = self._samples, []
             rows = samples[0] if len(samples) == 1 else torch.cat(samples, dim=1)
             del samples
-            scale, zero_point, _ = search_uniform_rows(rows, self.bits, self.percentiles, MIN_SCALE)
-            self.scale = self._layout(scale.float())
+            if self.init == "lp_search":
+                scale, zero_point = search_uniform_lp(rows, self.bits, self.lp_norm, min_scale=MIN_SCALE)
+            else:
+                scale, zero_point, _ = search_uniform_rows(rows, self.bits, self.percentiles, MIN_SCALE)
+            self._set_tensor("scale", self._layout(scale.float()))
             self.zero_point = self._layout(zero_point.float())
             return
         low, high = self.min_val, self.max_val
@@ -320,7 +417,7 @@ class UniformQuantizer(Quantizer):
         else:
             scale = ((high - low) / self.qmax).clamp_min(MIN_SCALE)
             zero_point = torch.round(-low / scale)
-        self.scale = self._layout(scale)
+        self._set_tensor("scale", self._layout(scale))
         self.zero_point = self._layout(zero_point)
 
     def _layout(self, values: torch.Tensor) -> torch.Tensor:
@@ -352,7 +449,7 @@ class UniformQuantizer(Quantizer):
             raise ValueError(f"a per-tensor quantizer takes one scale, got {scale_t.numel()}")
         if scale_t.numel() == 0 or not bool((scale_t > 0).all()):
             raise ValueError("scale must be non-empty and strictly positive")
-        self.scale = scale_t.to(self.scale.device)
+        self._set_tensor("scale", scale_t.to(self.scale.device))
         self.zero_point = zero_t.reshape(scale_t.shape).to(self.scale.device)
 
     def set_per_tensor(self, scale: torch.Tensor | float, zero_point: torch.Tensor | float) -> None:
@@ -397,7 +494,8 @@ class UniformQuantizer(Quantizer):
             # and calibration spend most of their quantization time here.
             x_int = torch.div(x, scale).round_().add_(zero_point).clamp_(0, self.qmax)
             return x_int.sub_(zero_point).mul_(scale).to(x.dtype)
-        x_int = clamp_inclusive(round_ste(x / scale) + zero_point, 0, self.qmax)
+        rounded = round_ste(x / scale) if self.straight_through else torch.round(x / scale)
+        x_int = clamp_inclusive(rounded + zero_point, 0, self.qmax)
         return ((x_int - zero_point) * scale).to(x.dtype)
 
     # -- serialization -----------------------------------------------------------------------
@@ -414,11 +512,7 @@ class UniformQuantizer(Quantizer):
     ) -> None:
         # Buffers start empty and take their shape at calibration; adopt the saved shapes so a
         # calibrated quantizer can be restored into a fresh one.
-        for name in ("scale", "zero_point", "min_val", "max_val"):
-            saved = state_dict.get(prefix + name)
-            if isinstance(saved, torch.Tensor):
-                current = getattr(self, name)
-                setattr(self, name, torch.empty(saved.shape, dtype=current.dtype, device=current.device))
+        self._resize_for_load(state_dict, prefix, ("scale", "zero_point", "min_val", "max_val"))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -431,6 +525,12 @@ class UniformQuantizer(Quantizer):
             parts.append("symmetric=True")
         if self.init != "minmax":
             parts.append(f"init={self.init!r}")
+        if self.init == "lp_search":
+            parts.append(f"lp_norm={self.lp_norm:g}")
+        if not self.straight_through:
+            parts.append("straight_through=False")
+        if isinstance(self.scale, nn.Parameter):
+            parts.append("learnable_scale=True")
         return ", ".join(parts)
 
 
@@ -468,7 +568,9 @@ class LogSqrt2Quantizer(Quantizer):
     ``quantile(A, p)`` for ``p`` in ``percentiles``, lowest MSE wins. :meth:`observe` keeps the
     observed tensors until :meth:`finalize` (which releases them). The rounding of ``q`` is
     straight-through: where a value maps inside the grid, ``dÂ/dA = Â/A`` (about 1); where ``q``
-    is clamped to 0 or underflows, the gradient is 0.
+    is clamped to 0 or underflows, the gradient is 0. With ``straight_through=False`` (ADFQ-ViT's
+    reference gradient mode) the rounding is plain ``torch.round``: no gradient reaches ``A``, and
+    Δ (if a method makes it a Parameter) gets only ``2^(-q/2)`` from the multiplication.
 
     Δ lives in the buffer ``scale`` (one float32 element; empty before calibration).
     """
@@ -482,9 +584,11 @@ class LogSqrt2Quantizer(Quantizer):
         *,
         percentiles: Sequence[float] = DEFAULT_PERCENTILES,
         lazy_init: bool = False,
+        straight_through: bool = True,
     ) -> None:
         super().__init__(bits, enabled, lazy_init=lazy_init)
         self.percentiles = _check_percentiles(percentiles)
+        self.straight_through = straight_through
         self.register_buffer("scale", torch.empty(0))
         self._samples: list[torch.Tensor] = []
 
@@ -546,7 +650,8 @@ class LogSqrt2Quantizer(Quantizer):
         positive = x > 0
         # Non-positive entries take log2(1) = 0 here (finite, so no NaN gradient) and become 0 below.
         ratio = torch.where(positive, x, delta) / delta
-        codes = round_ste(-2 * torch.log2(ratio))
+        exponents = -2 * torch.log2(ratio)
+        codes = round_ste(exponents) if self.straight_through else torch.round(exponents)
         underflow = ~positive | (codes.detach() >= self.n_levels)
         values = delta * torch.exp2(-clamp_inclusive(codes, 0, self.qmax) / 2)
         return torch.where(underflow, torch.zeros_like(values), values).to(x.dtype)
@@ -561,9 +666,7 @@ class LogSqrt2Quantizer(Quantizer):
         unexpected_keys: list[str],
         error_msgs: list[str],
     ) -> None:
-        saved = state_dict.get(prefix + "scale")
-        if isinstance(saved, torch.Tensor):
-            self.scale = torch.empty(saved.shape, dtype=self.scale.dtype, device=self.scale.device)
+        self._resize_for_load(state_dict, prefix, ("scale",))
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
         )
@@ -572,4 +675,6 @@ class LogSqrt2Quantizer(Quantizer):
         parts = [super().extra_repr()]
         if self.initialized:
             parts.append(f"delta={float(self.scale):.6g}")
+        if not self.straight_through:
+            parts.append("straight_through=False")
         return ", ".join(parts)

@@ -1,0 +1,275 @@
+"""ADFQ-ViT's shift-log quantizer for post-GELU activations (adfq_vit.md §5).
+
+GELU outputs are mostly small with a long positive tail, like attention probabilities, but dip to
+about -0.17. ADFQ-ViT shifts them positive and applies a log quantizer:
+
+1. ``m = min(X)`` of the current tensor, at every forward (``shift_mode="dynamic"``, the reference
+   code), or a constant (``"static"``, proposal: the calibrated minimum, or the GELU lower bound
+   :data:`GELU_LOWER_BOUND` = -0.17 passed as ``static_min``, which is deployable);
+2. ``X' = X - m + ε`` (ε = 1e-6), so ``X' > 0``;
+3. ``q = round(-k·log2(X' / δ))`` with ``k = 2`` for base √2 (the reference code) or ``k = 1`` for
+   base 2 (the paper's wording); ``q ≥ 2**b`` → ``X̂' = 0``, otherwise ``q`` is clamped to
+   ``[0, 2**b - 1]`` and ``X̂' = δ · base^(-q)``;
+4. ``X̂ = X̂' + m - ε``.
+
+δ, the top level, is chosen once by the percentile/MSE search on ``X'`` of the calibration data.
+At inference the shift folds into fc2's bias: ``W(x̂' + m) = W·x̂' + m·W·1``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from benchsuite.quant.init_search import DEFAULT_PERCENTILES, quantiles
+from benchsuite.quant.outlier import GradientMode, check_gradient_mode
+from benchsuite.quant.quantizers import (
+    MIN_SCALE,
+    Quantizer,
+    _check_percentiles,
+    _private_rows,
+    clamp_inclusive,
+    needs_grad,
+    round_ste,
+)
+
+__all__ = [
+    "GELU_LOWER_BOUND",
+    "LogBase",
+    "ShiftLogQuantizer",
+    "ShiftMode",
+    "fake_quantize_log",
+    "search_log_scale",
+]
+
+LogBase = Literal["sqrt2", "2"]
+ShiftMode = Literal["dynamic", "static"]
+
+#: GELU's minimum, rounded as in adfq_vit.md §5 (the exact value is about -0.16997).
+GELU_LOWER_BOUND = -0.17
+_CODES_PER_OCTAVE = {"sqrt2": 2, "2": 1}
+
+
+def fake_quantize_log(x: torch.Tensor, scale: torch.Tensor | float, bits: int, k: int) -> torch.Tensor:
+    """Log fake quantization of positive ``x`` with top level δ = ``scale``, plain rounding.
+
+    ``q = round(-k·log2(x/δ))``; ``x̂ = δ·2^(-q/k)`` for ``q`` clamped to ``[0, 2**b - 1]``, and 0
+    where ``q ≥ 2**b`` or ``x ≤ 0``. ``k = 2`` is the log√2 quantizer (same numbers as
+    :func:`~benchsuite.quant.init_search.fake_quantize_log_sqrt2`), ``k = 1`` the log2 one.
+    """
+    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+    positive = x > 0
+    codes = torch.where(positive, x, scale).div_(scale).log2_().mul_(-k).round_()
+    underflow = codes >= 2**bits
+    underflow.logical_or_(positive.logical_not_())
+    values = codes.clamp_(0, 2**bits - 1).mul_(-1.0 / k).exp2_().mul_(scale)
+    return values.masked_fill_(underflow, 0)
+
+
+def search_log_scale(
+    x: torch.Tensor, bits: int, k: int, percentiles: Sequence[float] = DEFAULT_PERCENTILES
+) -> torch.Tensor:
+    """δ of a log quantizer: ``quantile(x, p)`` for each ``p``, lowest MSE wins (first on ties).
+
+    For ``k = 2`` this is :func:`~benchsuite.quant.init_search.search_log_sqrt2_scale`. Returns a
+    1-element tensor, at least ``MIN_SCALE``.
+    """
+    with torch.no_grad():
+        rows = x.detach().reshape(1, -1)
+        if rows.dtype not in (torch.float32, torch.float64):
+            rows = rows.float()
+        candidates = quantiles(rows, list(percentiles))[:, 0].clamp_min(MIN_SCALE)
+        errors = torch.stack(
+            [fake_quantize_log(rows, delta, bits, k).sub_(rows).square_().mean() for delta in candidates]
+        ).nan_to_num(nan=float("inf"))
+        return candidates[errors.argmin()].reshape(1)
+
+
+class ShiftLogQuantizer(Quantizer):
+    """Shift-then-log fake quantizer for post-GELU activations (ADFQ-ViT), per tensor.
+
+    Outputs are ``m - ε`` (the zero code) or ``δ·base^(-q) + m - ε`` for ``q = 0 .. 2**b - 1``:
+    ``2**b + 1`` symbols, the same quirk as the log√2 quantizer, kept for parity.
+
+    Calibration keeps every observed tensor until :meth:`finalize` (several batches give the
+    same δ as one concatenated batch), records their minimum in the buffer ``min_val``, shifts
+    by the minimum the forward will use (the calibrated minimum in dynamic mode, i.e. what the
+    reference's dynamic shift sees on the concatenated calibration tensor; ``static_min`` or the
+    calibrated minimum in static mode) and searches δ (:func:`search_log_scale`). δ lives in the
+    buffer ``scale`` (alias :attr:`delta`); :meth:`make_scale_learnable` makes it a Parameter.
+
+    Gradients (``gradient_mode``, adfq_vit.md §8):
+
+    - ``"reference"``: plain rounding. ``x`` receives gradient only through the dynamic minimum
+      ``m`` (the whole upstream gradient lands on the minimum element, as in the reference code);
+      δ receives ``base^(-q)`` from the multiplication.
+    - ``"ste"``: straight-through rounding (zero where ``q`` is clamped or underflows), plus the
+      path through ``m``; LSQ-style gradient to δ.
+    """
+
+    scale: torch.Tensor
+    min_val: torch.Tensor
+
+    def __init__(
+        self,
+        bits: int,
+        enabled: bool = True,
+        *,
+        base: LogBase = "sqrt2",
+        shift_mode: ShiftMode = "dynamic",
+        static_min: float | None = None,
+        eps: float = 1e-6,
+        percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+        gradient_mode: GradientMode = "reference",
+        lazy_init: bool = False,
+    ) -> None:
+        super().__init__(bits, enabled, lazy_init=lazy_init)
+        if base not in _CODES_PER_OCTAVE:
+            raise ValueError(f"base must be 'sqrt2' or '2', got {base!r}")
+        if shift_mode not in ("dynamic", "static"):
+            raise ValueError(f"shift_mode must be 'dynamic' or 'static', got {shift_mode!r}")
+        if static_min is not None and shift_mode != "static":
+            raise ValueError("static_min is only used with shift_mode='static'")
+        if not eps > 0:
+            raise ValueError(f"eps must be positive, got {eps!r}")
+        self.base: LogBase = base
+        self.shift_mode: ShiftMode = shift_mode
+        self.static_min = None if static_min is None else float(static_min)
+        self.eps = float(eps)
+        self.percentiles = _check_percentiles(percentiles)
+        self.gradient_mode: GradientMode = check_gradient_mode(gradient_mode)
+        self.register_buffer("scale", torch.empty(0))
+        self.register_buffer("min_val", torch.empty(0))
+        self._samples: list[torch.Tensor] = []
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def codes_per_octave(self) -> int:
+        """``k``: 2 for base √2, 1 for base 2."""
+        return _CODES_PER_OCTAVE[self.base]
+
+    @property
+    def delta(self) -> torch.Tensor:
+        """δ, the largest level of the shifted tensor (alias of ``scale``)."""
+        return self.scale
+
+    @property
+    def initialized(self) -> bool:
+        return self.scale.numel() > 0
+
+    @property
+    def has_observations(self) -> bool:
+        """Whether tensors were observed and not yet consumed by :meth:`finalize`."""
+        return bool(self._samples)
+
+    def reset(self) -> None:
+        """Forget observations and parameters (a learnable δ becomes a buffer again)."""
+        self._make_buffer("scale", torch.empty(0, device=self.scale.device))
+        self.min_val = torch.empty(0, device=self.min_val.device)
+        self._samples = []
+
+    def make_scale_learnable(self) -> nn.Parameter:
+        """Turn the calibrated δ into an ``nn.Parameter`` (ADFQ-ViT trains the fc2-input δ)."""
+        return self._make_learnable("scale")
+
+    # -- calibration -------------------------------------------------------------------------
+
+    def observe(self, x: torch.Tensor) -> None:
+        """Keep a flat copy of ``x`` for the δ search."""
+        if x.numel() == 0:
+            return
+        self._samples.append(_private_rows(x.detach(), "tensor", 0))
+
+    def finalize(self) -> None:
+        """Shift the kept tensors, search δ on them, then release them."""
+        if not self._samples:
+            raise RuntimeError(f"{self.__class__.__name__} cannot finalize: it observed no data")
+        samples, self._samples = self._samples, []
+        rows = samples[0] if len(samples) == 1 else torch.cat(samples, dim=1)
+        del samples
+        self.min_val = rows.amin().reshape(1).float()
+        shift = self.min_val.to(rows.dtype).reshape(())
+        if self.shift_mode == "static" and self.static_min is not None:
+            shift = torch.tensor(self.static_min, dtype=rows.dtype, device=rows.device)
+        shifted = rows.sub_(shift).add_(self.eps)  # rows are our own copy
+        delta = search_log_scale(shifted, self.bits, self.codes_per_octave, self.percentiles)
+        self._set_tensor("scale", delta.float())
+
+    def set_params(self, delta: torch.Tensor | float, min_val: torch.Tensor | float | None = None) -> None:
+        """Set δ (and, for static mode without ``static_min``, the calibrated minimum) directly."""
+        delta_t = torch.as_tensor(delta, dtype=torch.float32).detach().clone().reshape(-1)
+        if delta_t.numel() != 1 or not bool((delta_t > 0).all()):
+            raise ValueError(f"δ must be one strictly positive value, got {delta!r}")
+        self._set_tensor("scale", delta_t.to(self.scale.device))
+        if min_val is not None:
+            self.min_val = torch.as_tensor(min_val, dtype=torch.float32).reshape(1).to(self.scale.device)
+
+    def _shift(self, x: torch.Tensor) -> torch.Tensor:
+        """``m`` for ``x``: its minimum (dynamic, with autograd) or the static constant."""
+        if self.shift_mode == "dynamic":
+            return x.amin()
+        if self.static_min is not None:
+            return torch.tensor(self.static_min, dtype=x.dtype, device=x.device)
+        if self.min_val.numel() == 0:
+            raise RuntimeError("static shift without static_min needs a calibrated minimum (min_val)")
+        return self.min_val.reshape(()).to(device=x.device, dtype=x.dtype)
+
+    # -- quantization ------------------------------------------------------------------------
+
+    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
+        compute = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        delta = self.scale.reshape(()).to(compute.dtype)
+        k = self.codes_per_octave
+        if not needs_grad(x, delta):
+            shift = self._shift(compute)
+            shifted = (compute - shift) + self.eps
+            return fake_quantize_log(shifted, delta, self.bits, k).add_(shift).sub_(self.eps).to(x.dtype)
+        shift = self._shift(compute)
+        shifted = (compute - shift) + self.eps
+        positive = shifted > 0
+        # Non-positive entries (only possible with a static shift) take log2(1) = 0 here (finite,
+        # so no NaN gradient) and become the zero code below.
+        ratio = torch.where(positive, shifted, delta) / delta
+        exponents = torch.log2(ratio) * (-k)
+        codes = round_ste(exponents) if self.gradient_mode == "ste" else torch.round(exponents)
+        underflow = ~positive | (codes.detach() >= self.n_levels)
+        levels = delta * torch.exp2(clamp_inclusive(codes, 0, self.qmax) * (-1.0 / k))
+        shifted_hat = torch.where(underflow, torch.zeros_like(levels), levels)
+        return ((shifted_hat + shift) - self.eps).to(x.dtype)
+
+    def levels(self) -> torch.Tensor:
+        """The ``2**b`` non-zero levels of the shifted tensor, ``δ·base^(-q)`` (descending)."""
+        if not self.initialized:
+            raise RuntimeError("ShiftLogQuantizer has no δ yet")
+        codes = torch.arange(self.n_levels, dtype=self.scale.dtype, device=self.scale.device)
+        return self.scale.detach().reshape(()) * torch.exp2(codes * (-1.0 / self.codes_per_octave))
+
+    # -- serialization -----------------------------------------------------------------------
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        self._resize_for_load(state_dict, prefix, ("scale", "min_val"))
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def extra_repr(self) -> str:
+        parts = [super().extra_repr(), f"base={self.base!r}", f"shift_mode={self.shift_mode!r}"]
+        if self.static_min is not None:
+            parts.append(f"static_min={self.static_min:g}")
+        parts.append(f"gradient_mode={self.gradient_mode!r}")
+        if self.initialized:
+            parts.append(f"delta={float(self.scale):.6g}")
+        return ", ".join(parts)
