@@ -32,7 +32,7 @@ from benchsuite.bits import BitSpec
 from benchsuite.quant.budget import Budget, BudgetTable
 from benchsuite.quant.calibration import calibration_tensor, fit_weight_quantizer, model_device
 from benchsuite.quant.canonical import CanonicalModel, InputKind, Role
-from benchsuite.quant.quantizers import LogSqrt2Quantizer, Quantizer, UniformQuantizer
+from benchsuite.quant.quantizers import Log2Quantizer, LogSqrt2Quantizer, Quantizer, UniformQuantizer
 from benchsuite.quant.reconstruct import (
     ParamGroup,
     Unit,
@@ -66,8 +66,9 @@ class ISViTConfig(MethodConfig):
     init_size: int = 64
     batch_size: int = 64
     lr: float = 4e-5
-    #: ``sulq`` (the method) or ``log2`` (the paper's ablation baseline: RepQ-ViT's log quantizer).
-    softmax_quantizer: Literal["sulq", "log2"] = "sulq"
+    #: ``sulq`` (the method); ``log2`` (the paper's ablation: a log2 quantizer instead of SULQ);
+    #: ``log_sqrt2`` (RepQ-ViT's quantizer, for comparison).
+    softmax_quantizer: Literal["sulq", "log2", "log_sqrt2"] = "sulq"
     #: ``reference``: the code's 2^b + 1 forward codes; ``strict``: exactly 2^b (see spec §4.2).
     sulq_mode: Literal["reference", "strict"] = "reference"
     eta_grid: tuple[float, ...] = ETA_GRID
@@ -179,7 +180,8 @@ def _activation_quantizer(kind: InputKind, a_bits: int, per_channel: bool, confi
     if kind is InputKind.POST_SOFTMAX:
         if config.softmax_quantizer == "sulq":
             return SULQuantizer(a_bits, mode=config.sulq_mode, eta_grid=config.eta_grid, lazy_init=True)
-        return LogSqrt2Quantizer(a_bits, percentiles=config.activation_percentiles, lazy_init=True)
+        log_quantizer = Log2Quantizer if config.softmax_quantizer == "log2" else LogSqrt2Quantizer
+        return log_quantizer(a_bits, percentiles=config.activation_percentiles, lazy_init=True)
     return UniformQuantizer(
         a_bits,
         granularity="channel" if per_channel else "tensor",

@@ -161,3 +161,16 @@ def test_observe_finalize_and_lazy_init() -> None:
     with pytest.raises(ValueError):
         q.set_params(0.0)
     assert "bits=4" in repr(restored) and "delta=" in repr(restored)
+
+
+def test_log2_quantizer_has_one_code_per_octave():
+    from benchsuite.quant.quantizers import Log2Quantizer
+    from benchsuite.quant.shift_log import fake_quantize_log
+
+    x = torch.softmax(torch.randn(4, 2, 10, 10, generator=torch.Generator().manual_seed(0)) * 3, dim=-1)
+    quantizer = Log2Quantizer(3, lazy_init=True)
+    y = quantizer(x)
+    torch.testing.assert_close(y, fake_quantize_log(x, quantizer.scale, 3, 1))
+    ratios = quantizer.levels()[:-1] / quantizer.levels()[1:]
+    torch.testing.assert_close(ratios, torch.full_like(ratios, 2.0))
+    assert set(y.unique().tolist()) <= set(quantizer.levels().tolist()) | {0.0}

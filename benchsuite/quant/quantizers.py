@@ -31,7 +31,7 @@ learns a step size calls ``make_scale_learnable()``, which turns the ``scale`` b
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -48,6 +48,7 @@ from benchsuite.quant.init_search import (
 __all__ = [
     "Granularity",
     "InitMethod",
+    "Log2Quantizer",
     "LogSqrt2Quantizer",
     "Quantizer",
     "UniformQuantizer",
@@ -575,6 +576,9 @@ class LogSqrt2Quantizer(Quantizer):
     Δ lives in the buffer ``scale`` (one float32 element; empty before calibration).
     """
 
+    #: Codes per factor of 2 between levels: 2 for log√2, 1 for :class:`Log2Quantizer`.
+    CODES_PER_OCTAVE: ClassVar[int] = 2
+
     scale: torch.Tensor
 
     def __init__(
@@ -623,7 +627,11 @@ class LogSqrt2Quantizer(Quantizer):
         samples, self._samples = self._samples, []
         rows = samples[0] if len(samples) == 1 else torch.cat(samples, dim=1)
         del samples
-        self.scale = search_log_sqrt2_scale(rows, self.bits, self.percentiles, MIN_SCALE).float()
+        self._set_tensor("scale", self._search_scale(rows).float())
+
+    def _search_scale(self, rows: torch.Tensor) -> torch.Tensor:
+        """Δ for the kept ``rows`` (one row: every observed value)."""
+        return search_log_sqrt2_scale(rows, self.bits, self.percentiles, MIN_SCALE)
 
     def set_params(self, scale: torch.Tensor | float) -> None:
         """Set Δ directly (a positive scalar)."""
@@ -637,23 +645,23 @@ class LogSqrt2Quantizer(Quantizer):
         if not self.initialized:
             raise RuntimeError("LogSqrt2Quantizer has no Δ yet")
         codes = torch.arange(self.n_levels, dtype=self.scale.dtype, device=self.scale.device)
-        return self.scale.reshape(()) * torch.exp2(-codes / 2)
+        return self.scale.reshape(()) * torch.exp2(-codes / self.CODES_PER_OCTAVE)
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         delta = self.scale.reshape(()).to(x.dtype)
         if not needs_grad(x, delta):
-            codes = torch.div(x, delta).log2_().mul_(-2).round_()
+            codes = torch.div(x, delta).log2_().mul_(-self.CODES_PER_OCTAVE).round_()
             # NaN (x < 0), +inf (x = 0) and codes past the last level all underflow to 0.
             underflow = ~(codes < self.n_levels)
-            values = codes.clamp_(0, self.qmax).mul_(-0.5).exp2_().mul_(delta)
+            values = codes.clamp_(0, self.qmax).mul_(-1.0 / self.CODES_PER_OCTAVE).exp2_().mul_(delta)
             return values.masked_fill_(underflow, 0).to(x.dtype)
         positive = x > 0
         # Non-positive entries take log2(1) = 0 here (finite, so no NaN gradient) and become 0 below.
         ratio = torch.where(positive, x, delta) / delta
-        exponents = -2 * torch.log2(ratio)
+        exponents = -self.CODES_PER_OCTAVE * torch.log2(ratio)
         codes = round_ste(exponents) if self.straight_through else torch.round(exponents)
         underflow = ~positive | (codes.detach() >= self.n_levels)
-        values = delta * torch.exp2(-clamp_inclusive(codes, 0, self.qmax) / 2)
+        values = delta * torch.exp2(-clamp_inclusive(codes, 0, self.qmax) / self.CODES_PER_OCTAVE)
         return torch.where(underflow, torch.zeros_like(values), values).to(x.dtype)
 
     def _load_from_state_dict(
@@ -678,3 +686,19 @@ class LogSqrt2Quantizer(Quantizer):
         if not self.straight_through:
             parts.append("straight_through=False")
         return ", ".join(parts)
+
+
+class Log2Quantizer(LogSqrt2Quantizer):
+    """log2 fake quantizer for post-softmax probabilities: levels ``Δ·2^(-k)``, k = 0 .. 2**b - 1.
+
+    The post-softmax quantizer of FQ-ViT / PTQ4ViT-style baselines, and the "log2 instead of SULQ"
+    ablation of I&S-ViT. Same state, search (percentile candidates for Δ, lowest MSE) and
+    underflow-to-zero rule as :class:`LogSqrt2Quantizer`, one code per octave instead of two.
+    """
+
+    CODES_PER_OCTAVE: ClassVar[int] = 1
+
+    def _search_scale(self, rows: torch.Tensor) -> torch.Tensor:
+        from benchsuite.quant.shift_log import search_log_scale  # shift_log imports this module
+
+        return search_log_scale(rows, self.bits, 1, self.percentiles)
