@@ -105,11 +105,16 @@ def parse_field_value(text: str, hint: Any, key: str) -> Any:
                 continue
         raise ConfigError(f"cannot read {text!r} for {key}")
     if origin is tuple:
-        try:
-            parsed = json.loads(text if text.strip().startswith("[") else f"[{text}]")
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"cannot read {text!r} for {key} as a list: {exc.msg}") from None
-        return tuple(parsed)
+        if text.strip().startswith("["):
+            try:
+                return tuple(json.loads(text))
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"cannot read {text!r} for {key} as a list: {exc.msg}") from None
+        # Comma-separated, each item read as the tuple's element type (``qkv,fc1`` or ``0.9,0.99``).
+        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
+        element = args[0] if len(args) == 1 or (len(args) == 2 and typing.get_args(hint)[1] is Ellipsis) else str
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        return tuple(parse_field_value(item, element, key) for item in items)
     if hint is bool:
         lowered = text.strip().lower()
         if lowered in ("1", "true", "yes", "on"):

@@ -121,6 +121,9 @@ class QuantLinear(QuantModule):
         self.register_parameter("weight", weight)
         self.register_parameter("bias", bias)
         self.out_features, self.in_features = weight.shape
+        # Optional weight compensation (AIQViT's low-rank AILoC, benchsuite.quant.lowrank); empty
+        # by default, registered so that its parameters appear in state_dict once set.
+        self.register_module("compensation", None)
 
     @classmethod
     def from_float(
@@ -137,8 +140,25 @@ class QuantLinear(QuantModule):
     def has_weight(self) -> bool:
         return True
 
+    def set_compensation(self, compensation: nn.Module | None) -> None:
+        """Attach a weight compensation (None removes it); see :meth:`forward`.
+
+        The module has a bool ``merged``, a ``delta()`` giving a weight-shaped tensor and a
+        ``forward(xq)`` giving an output-shaped one (:class:`benchsuite.quant.lowrank.LowRankCompensation`).
+        """
+        self.compensation = compensation
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizers[0](x), self.quantized_weight(), self.bias)
+        compensation = self._modules.get("compensation")
+        if compensation is None:  # the default path: unchanged and still cached
+            return F.linear(self.input_quantizers[0](x), self.quantized_weight(), self.bias)
+        xq = self.input_quantizers[0](x)
+        if compensation.merged:  # y = x·Q_w(W + ΔW)ᵀ + b, straight through Q_w
+            weight = self.weight + compensation.delta()
+            quantizer = self.weight_quantizer
+            return F.linear(xq, quantizer(weight) if quantizer is not None else weight, self.bias)
+        # branch: y = x·Q_w(W)ᵀ + b + compensation(x), on the same quantized input
+        return F.linear(xq, self.quantized_weight(), self.bias) + compensation(xq)
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {super().extra_repr()}"

@@ -633,6 +633,13 @@ class LogSqrt2Quantizer(Quantizer):
         """Δ for the kept ``rows`` (one row: every observed value)."""
         return search_log_sqrt2_scale(rows, self.bits, self.percentiles, MIN_SCALE)
 
+    def make_scale_learnable(self) -> nn.Parameter:
+        """Turn the calibrated Δ into an ``nn.Parameter`` (same value) and return it.
+
+        The gradient reaches Δ through the straight-through forward (AIQViT trains it).
+        """
+        return self._make_learnable("scale")
+
     def set_params(self, scale: torch.Tensor | float) -> None:
         """Set Δ directly (a positive scalar)."""
         scale_t = torch.as_tensor(scale, dtype=torch.float32).detach().clone().reshape(-1)
