@@ -111,10 +111,15 @@ def parse_field_value(text: str, hint: Any, key: str) -> Any:
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"cannot read {text!r} for {key} as a list: {exc.msg}") from None
         # Comma-separated, each item read as the tuple's element type (``qkv,fc1`` or ``0.9,0.99``).
-        args = [a for a in typing.get_args(hint) if a is not Ellipsis]
-        element = args[0] if len(args) == 1 or (len(args) == 2 and typing.get_args(hint)[1] is Ellipsis) else str
+        args = typing.get_args(hint)
         items = [item.strip() for item in text.split(",") if item.strip()]
-        return tuple(parse_field_value(item, element, key) for item in items)
+        if not args or (len(args) == 2 and args[1] is Ellipsis):
+            types_ = [args[0] if args else str] * len(items)
+        elif len(args) == len(items):
+            types_ = list(args)
+        else:
+            raise ConfigError(f"{key} takes {len(args)} comma-separated values, got {len(items)}")
+        return tuple(parse_field_value(item, kind, key) for item, kind in zip(items, types_))
     if hint is bool:
         lowered = text.strip().lower()
         if lowered in ("1", "true", "yes", "on"):

@@ -105,7 +105,7 @@ from benchsuite.quant.reconstruct import (
     UnitPlan,
     UnitSettings,
     float_copy,
-    output_mse,
+    unit_output_mse,
     reconstruct,
     schedule_factor,
 )
@@ -573,7 +573,7 @@ class _UnitRunner:
         def loss_on(pool: _Pool, step: int) -> torch.Tensor:
             batch = pool.draw(step, config.batch_size, generator)
             pred = unit(ctx.inputs(batch, generator))
-            return output_mse(pred, ctx.data.targets.gather(batch, ctx.device))
+            return unit_output_mse(ctx.unit, pred, ctx.data.targets.gather(batch, ctx.device))
 
         def trainable(params: list[nn.Parameter], flag: bool) -> None:
             for p in params:

@@ -252,9 +252,10 @@ def test_attention_kl_is_zero_for_equal_maps_and_reaches_qkv_otherwise():
 
 def test_rounding_regularizer_schedule():
     term = RoundingRegularizer(warmup=0.2, beta_start=20, beta_end=2)
-    assert term.beta(0, 100) is None and term.beta(19, 100) is None
-    assert term.beta(20, 100) == pytest.approx(20)
-    assert term.beta(99, 100) == pytest.approx(2 + 18 / 80)
+    # The reference counts steps from 1: off while t < 0.2·T, then 20 → 2, reaching 2 at the end.
+    assert term.beta(0, 100) is None and term.beta(18, 100) is None
+    assert term.beta(19, 100) == pytest.approx(20)
+    assert term.beta(99, 100) == pytest.approx(2)
 
 
 def test_curriculum_starts_with_the_easiest_rows_and_widens():
@@ -279,3 +280,24 @@ def test_curriculum_starts_with_the_easiest_rows_and_widens():
 def test_output_mse_sums_dim1_and_averages_the_rest():
     pred, target = torch.ones(2, 3, 4), torch.zeros(2, 3, 4)
     assert float(output_mse(pred, target)) == pytest.approx(3.0)
+
+
+def test_output_mse_follows_each_layout_the_reference_used():
+    error = torch.ones(2, 4, 6, 3)  # Swin-style channels-last (B, H, W, C)
+    zero = torch.zeros_like(error)
+    assert float(output_mse(error, zero)) == pytest.approx(24.0)  # summed over H·W tokens
+    assert float(output_mse(error, zero, window_area=8)) == pytest.approx(8.0)  # per window
+    assert float(output_mse(error, zero, channels_first=True)) == pytest.approx(4.0)  # conv NCHW
+    assert float(output_mse(torch.ones(2, 5), torch.zeros(2, 5))) == pytest.approx(5.0)  # logits
+    per_row = output_mse(torch.ones(3, 7, 2), torch.zeros(3, 7, 2), per_sample=True)
+    assert per_row.tolist() == [7.0, 7.0, 7.0]
+
+
+def test_capturing_an_input_does_not_run_the_module():
+    model = adapt(toy_vit())
+    head = build_units(model, "block")[-1]
+    calls = []
+    handle = head.owner.register_forward_hook(lambda m, a, o: calls.append(1))
+    capture_inputs(model, head, ChunkedTensor.from_tensor(images(4), 4), device="cpu")
+    handle.remove()
+    assert calls == []

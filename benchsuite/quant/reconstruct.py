@@ -39,7 +39,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchsuite.quant.canonical import CanonicalModel, Role
-from benchsuite.quant.modules import QuantModule
+from benchsuite.quant.adaround import adaround_beta
+from benchsuite.quant.modules import QuantConv2d, QuantModule
 from benchsuite.quant.quantizers import Quantizer
 
 __all__ = [
@@ -69,6 +70,7 @@ __all__ = [
     "reconstruct",
     "roles_in",
     "schedule_factor",
+    "unit_output_mse",
     "unit_parameters",
 ]
 
@@ -97,6 +99,10 @@ class Unit:
     capture: nn.Module
     capture_output: bool
     call: Callable[[torch.Tensor], torch.Tensor]
+    #: The output is (B, C, ...) (a conv): the loss sums over channels, not tokens.
+    channels_first: bool = False
+    #: Tokens per attention window (Swin): the loss sums over a window's tokens, not all of them.
+    window_area: int | None = None
 
     def quant_modules(self) -> list[QuantModule]:
         """The fake-quant ops inside the unit, in module order."""
@@ -133,7 +139,8 @@ def build_units(model: CanonicalModel, granularity: Granularity = "block") -> li
     for site in model.sites():
         if site.block is None:
             module = site.module
-            units.append(Unit(len(units), site.name, "layer", module, module, False, module))
+            conv = isinstance(module, QuantConv2d)
+            units.append(Unit(len(units), site.name, "layer", module, module, False, module, channels_first=conv))
             continue
         if site.block in emitted:
             continue
@@ -145,7 +152,11 @@ def build_units(model: CanonicalModel, granularity: Granularity = "block") -> li
             continue
         capture, capture_output = block.attention_entry or (block.attention, False)
         call = getattr(block.module, block.attention_call) if block.attention_call else block.attention
-        units.append(Unit(len(units), f"{name}.attn", "attention", block.attention, capture, capture_output, call))
+        window_area = getattr(block.attention, "window_area", None)
+        units.append(
+            Unit(len(units), f"{name}.attn", "attention", block.attention, capture, capture_output, call,
+                 window_area=int(window_area) if window_area is not None else None)
+        )
         units.append(Unit(len(units), f"{name}.mlp", "mlp", block.mlp, block.mlp, False, block.mlp))
     return units
 
@@ -252,14 +263,17 @@ def capture_inputs(
     """
     captured: list[torch.Tensor] = []
 
-    def hook(_module: nn.Module, args: tuple, output: object) -> None:
-        value = output if unit.capture_output else args[0]
+    def keep(value: object) -> None:
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"unit {unit.name}: captured input is {type(value).__name__}, not a tensor")
         captured.append(value.detach().to(storage))
         raise _StopForward
 
-    handle = unit.capture.register_forward_hook(hook)
+    # Reading an input stops *before* the module runs (its lazy quantizers stay untouched).
+    if unit.capture_output:
+        handle = unit.capture.register_forward_hook(lambda _m, _args, output: keep(output))
+    else:
+        handle = unit.capture.register_forward_pre_hook(lambda _m, args: keep(args[0]))
     try:
         with torch.no_grad():
             for chunk in images:
@@ -375,15 +389,40 @@ class LossTerm(Protocol):
     def __call__(self, state: StepState) -> torch.Tensor | None: ...
 
 
-def output_mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Squared error summed over dim 1, averaged over every other dim.
+def output_mse(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    channels_first: bool = False,
+    window_area: int | None = None,
+    per_sample: bool = False,
+) -> torch.Tensor:
+    """Squared error summed over tokens, averaged over batch and channels.
 
-    The loss of the BRECQ code lineage that I&S-ViT and ADFQ-ViT inherit: for block outputs
-    ``(B, N, C)`` a sum over tokens and a mean over batch and channels; for logits ``(B, K)`` a sum
-    over classes and a mean over the batch.
+    The loss of the BRECQ code lineage that I&S-ViT and ADFQ-ViT inherit (``sum(dim=1).mean()``
+    on ``(B, N, C)`` block outputs, ``(B, K)`` logits or ``(B, C, H, W)`` conv outputs), written for
+    the layouts timm 1.x produces: a channels-last ``(B, H, W, C)`` output (Swin blocks and
+    reductions) has ``H·W`` tokens, as the reference's ``(B, L, C)`` had; ``window_area`` (Swin
+    window attention) sums over the tokens of one window and averages over windows, as the
+    reference reconstructs window attention on ``(B·windows, N, C)``; ``channels_first`` (a conv's
+    output) sums over channels. ``per_sample`` returns one value per batch row.
     """
     error = (pred - target).pow(2)
-    return error.sum(dim=1).mean() if error.ndim > 1 else error.mean()
+    if error.ndim == 1:
+        return error if per_sample else error.mean()
+    if channels_first or error.ndim == 2:
+        summed = error.sum(dim=1)
+        return summed.reshape(len(summed), -1).mean(dim=1) if per_sample else summed.mean()
+    tokens = window_area if window_area is not None else math.prod(error.shape[1:-1])
+    if per_sample:
+        return error.flatten(1).mean(dim=1) * tokens
+    return error.mean() * tokens
+
+
+def unit_output_mse(unit: Unit, pred: torch.Tensor, target: torch.Tensor, *, per_sample: bool = False) -> torch.Tensor:
+    """:func:`output_mse` with the unit's own output layout."""
+    return output_mse(pred, target, channels_first=unit.channels_first, window_area=unit.window_area,
+                      per_sample=per_sample)
 
 
 @dataclass
@@ -394,7 +433,7 @@ class OutputMSE:
     name: str = "output_mse"
 
     def __call__(self, state: StepState) -> torch.Tensor:
-        return self.weight * output_mse(state.pred, state.target)
+        return self.weight * unit_output_mse(state.unit, state.pred, state.target)
 
 
 @dataclass
@@ -443,11 +482,8 @@ class RoundingRegularizer:
     name: str = "rounding"
 
     def beta(self, step: int, iters: int) -> float | None:
-        warm = int(self.warmup * iters)
-        if step < warm:
-            return None
-        progress = (step - warm) / max(1, iters - warm)
-        return self.beta_end + (self.beta_start - self.beta_end) * max(0.0, 1.0 - progress)
+        """β at 0-based ``step``, counted as the reference's ``LinearTempDecay`` counts."""
+        return adaround_beta(step, max(1, iters), self.warmup, self.beta_start, self.beta_end)
 
     def __call__(self, state: StepState) -> torch.Tensor | None:
         beta = self.beta(state.step, state.iters)
@@ -570,8 +606,7 @@ class UnitContext:
                 rows = torch.arange(start, min(start + chunk_size, len(self.data)))
                 pred = self.unit(source.gather(rows, self.device))
                 target = self.data.targets.gather(rows, self.device)
-                error = (pred - target).pow(2)
-                losses.append(error.sum(dim=1).flatten(1).mean(dim=1).cpu() if error.ndim > 2 else error.flatten(1).sum(1).cpu())
+                losses.append(unit_output_mse(self.unit, pred, target, per_sample=True).cpu())
         return torch.cat(losses)
 
 
@@ -676,6 +711,11 @@ def optimize_unit(
     if not params or settings.iters == 0:
         return UnitReport(unit.name, unit.kind, 0, 0, None, None, time.perf_counter() - started)
 
+    trained = {id(p) for p in params}
+    # Everything else in the unit is frozen while it trains (no stray .grad on norms, biases...).
+    frozen = [p for p in unit.owner.parameters() if id(p) not in trained and p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     optimizer = torch.optim.Adam([{"params": g.params, "lr": g.lr} for g in groups])
@@ -734,6 +774,8 @@ def optimize_unit(
         for p in params:
             p.requires_grad_(False)
             p.grad = None
+        for p in frozen:
+            p.requires_grad_(True)
     return UnitReport(
         unit.name,
         unit.kind,
