@@ -27,6 +27,13 @@ def tiny_swin():
                            window_size=4, num_classes=10).eval()
 
 
+def tiny_point_mae():
+    from benchsuite.pointcloud import PointMAEClassifier
+
+    torch.manual_seed(0)
+    return PointMAEClassifier(10, dim=32, depth=2, num_heads=2, num_groups=16, group_size=8, head_hidden=32).eval()
+
+
 def quick(config):
     """Reconstruction methods with a few steps: this test checks wiring, not accuracy."""
     fields = {f.name for f in dataclasses.fields(config)}
@@ -34,15 +41,20 @@ def quick(config):
     return dataclasses.replace(config, **changes)
 
 
-FAMILIES = {"timm_vit": (toy_vit, 16), "timm_swin": (tiny_swin, 32)}
+#: family -> (factory of a small float model, shape of one input without the batch dim)
+FAMILIES = {
+    "timm_vit": (toy_vit, (3, 16, 16)),
+    "timm_swin": (tiny_swin, (3, 32, 32)),
+    "point_mae": (tiny_point_mae, (256, 3)),  # random points, xyz
+}
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("method_name", METHODS)
 def test_method_quantizes_every_family(method_name, family):
-    factory, size = FAMILIES[family]
+    factory, shape = FAMILIES[family]
     float_model = factory()
-    images = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(1))
+    images = torch.randn(8, *shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         reference = float_model(images)
     method = registry.methods.get(method_name)()

@@ -87,10 +87,11 @@ def adapt(model: nn.Module) -> CanonicalModel:
 
 
 def _register_builtins() -> None:
-    from benchsuite.quant.adapters import timm_swin, timm_vit
+    from benchsuite.quant.adapters import point_mae, timm_swin, timm_vit
 
     register_adapter(timm_vit.is_timm_vit, timm_vit.adapt_timm_vit, timm_vit.FAMILY)
     register_adapter(timm_swin.is_timm_swin, timm_swin.adapt_timm_swin, timm_swin.FAMILY)
+    register_adapter(point_mae.is_point_mae, point_mae.adapt_point_mae, point_mae.FAMILY)
 
 
 _register_builtins()
