@@ -82,10 +82,9 @@ runs :data:`~benchsuite.quant.budget.FAST_ITERS` steps on fewer images (recorded
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -93,8 +92,14 @@ from torch import nn
 from benchsuite.api import CalibrationSet, Method, MethodConfig
 from benchsuite.bits import BitSpec
 from benchsuite.quant.adaround import AdaRoundQuantizer
-from benchsuite.quant.budget import Budget, BudgetTable
-from benchsuite.quant.calibration import calibration_tensor, fit_weight_quantizer, model_device, set_enabled
+from benchsuite.quant.budget import BudgetTable, ReconstructionConfig
+from benchsuite.quant.calibration import (
+    calibration_tensor,
+    fit_weight_quantizer,
+    iter_quantizers,
+    model_device,
+    set_enabled,
+)
 from benchsuite.quant.canonical import CanonicalModel, InputKind, Role
 from benchsuite.quant.modules import QuantModule
 from benchsuite.quant.outlier import GradientMode, PerPatchOutlierQuantizer
@@ -123,14 +128,11 @@ PAPER_BUDGET = BudgetTable(iters_low_bits=3000, iters_high_bits=3000, calib_size
 
 
 @dataclass(frozen=True)
-class ADFQViTConfig(MethodConfig):
+class ADFQViTConfig(ReconstructionConfig):
     """Defaults are the reference code's (spec §9); the rest are labelled variants/ablations."""
 
-    #: Calibration images; None: by budget (1024 paper, fewer under the fast budget).
-    calib_size: int | None = None
-    budget: Budget = "paper"
-    #: Steps per unit; None: by budget (3000 paper, README; the script default is 5000).
-    iters: int | None = None
+    PAPER_BUDGET: ClassVar[BudgetTable] = PAPER_BUDGET
+
     #: Mini-batch rows per step (plus as many quantized-only rows in the same forward).
     batch_size: int = 32
     #: Cached quantized-model inputs of a unit that initialise its activation quantizers.
@@ -181,12 +183,6 @@ class ADFQViTConfig(MethodConfig):
     #: ``reference``: the code's gradients (plain rounding, detached per-patch input); ``ste``.
     gradient_mode: GradientMode = "reference"
 
-    def resolve(self, bits: BitSpec) -> ADFQViTConfig:
-        return dataclasses.replace(
-            self,
-            iters=self.iters if self.iters is not None else PAPER_BUDGET.iters(self.budget, bits),
-            calib_size=self.calib_size if self.calib_size is not None else PAPER_BUDGET.calib(self.budget),
-        )
 
 
 class ADFQViT(Method):
@@ -261,7 +257,7 @@ class ADFQViT(Method):
                     )
         # Off until their unit comes: a unit's cached input then has every earlier unit quantized
         # (and tuned) and nothing after it, and no lazy quantizer initialises during a capture.
-        set_enabled(_quantizers(model), False)
+        set_enabled(iter_quantizers(model), False)
 
         outlier_ratios: dict[str, float] = {}
         reports = reconstruct(
@@ -274,7 +270,7 @@ class ADFQViT(Method):
             description="ADFQ-ViT",
         )
         _check_done(model)
-        for quantizer in _quantizers(model):
+        for quantizer in iter_quantizers(model):
             if isinstance(quantizer, PerPatchOutlierQuantizer):
                 quantizer.reset_outlier_stats()  # the logged ratios are the initialisation's
         return reports, outlier_ratios
@@ -324,13 +320,6 @@ def _activation_quantizer(role: Role, kind: InputKind, a_bits: int, config: ADFQ
     return UniformQuantizer(a_bits, init="percentile_mse", percentiles=config.percentiles, lazy_init=True,
                             straight_through=ste)
 
-
-def _quantizers(model: CanonicalModel) -> list[Quantizer]:
-    seen: dict[int, Quantizer] = {}
-    for site in model.sites():
-        for quantizer in site.module.quantizers():
-            seen.setdefault(id(quantizer), quantizer)
-    return list(seen.values())
 
 
 def _input_quantizers(module: QuantModule) -> list[Quantizer]:
@@ -460,4 +449,3 @@ class _Planner:
         for quantizer in ctx.unit.quantizers():
             if isinstance(quantizer, AdaRoundQuantizer):
                 quantizer.harden()
-

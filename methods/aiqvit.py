@@ -76,12 +76,11 @@ Open choices and why (all (proposal) of the spec unless noted):
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -89,8 +88,14 @@ from torch import nn
 from benchsuite.api import CalibrationSet, Method, MethodConfig
 from benchsuite.bits import BitSpec
 from benchsuite.errors import ConfigError
-from benchsuite.quant.budget import Budget, BudgetTable
-from benchsuite.quant.calibration import calibration_tensor, fit_weight_quantizer, model_device
+from benchsuite.quant.budget import BudgetTable, ReconstructionConfig
+from benchsuite.quant.calibration import (
+    calibration_tensor,
+    check_initialized,
+    fit_weight_quantizer,
+    iter_quantizers,
+    model_device,
+)
 from benchsuite.quant.canonical import CanonicalModel, InputKind, Role
 from benchsuite.quant.dfq import DynamicFocusingQuantizer
 from benchsuite.quant.lowrank import LowRankCompensation, candidate_ranks
@@ -123,14 +128,11 @@ REPARAM_ROLES = (Role.QKV, Role.FC1, Role.REDUCTION)
 
 
 @dataclass(frozen=True)
-class AIQViTConfig(MethodConfig):
+class AIQViTConfig(ReconstructionConfig):
     """Defaults are the spec's proposals (aiqvit.md §8); the paper's values are unknown."""
 
-    #: Calibration images; None: by budget (1024 paper, fast budget fewer).
-    calib_size: int | None = None
-    budget: Budget = "paper"
-    #: Steps per unit (search + fine-tuning); None: by budget and bits (1000 at ≤4 bits, 200 at 6).
-    iters: int | None = None
+    PAPER_BUDGET: ClassVar[BudgetTable] = PAPER_BUDGET
+
     batch_size: int = 32
     #: Images of the one forward that initialises the activation quantizers.
     init_size: int = 64
@@ -214,12 +216,6 @@ class AIQViTConfig(MethodConfig):
         if problems:
             raise ConfigError("AIQViTConfig: " + "; ".join(problems))
 
-    def resolve(self, bits: BitSpec) -> AIQViTConfig:
-        return dataclasses.replace(
-            self,
-            iters=self.iters if self.iters is not None else PAPER_BUDGET.iters(self.budget, bits),
-            calib_size=self.calib_size if self.calib_size is not None else PAPER_BUDGET.calib(self.budget),
-        )
 
     def search_steps(self, iters: int) -> int:
         """Steps of the rank search out of a unit's ``iters`` (the rest fine-tunes)."""
@@ -271,7 +267,7 @@ class AIQViT(Method):
                 site.module.set_input_quantizer(index, quantizer)
         with torch.no_grad():
             model(images[: config.init_size].to(device))  # lazy init, in execution order
-        _check_initialized(model)
+        check_initialized(model, "initialisation")
         # (2) reparameterization, lossless while weights are float
         for pair in reparam_pairs:
             reparameterize_pair(pair, round_mean_zero_point=config.round_mean_zero_point)
@@ -347,7 +343,7 @@ def _activation_quantizer(kind: InputKind, a_bits: int, per_channel: bool, confi
 def _make_quantizers_learnable(model: CanonicalModel, learn: bool) -> int:
     """Step sizes → Parameters (when ``learn``); every quantizer Parameter frozen until trained."""
     count = 0
-    for quantizer in _quantizers(model):
+    for quantizer in iter_quantizers(model):
         if learn and isinstance(quantizer, (UniformQuantizer, LogSqrt2Quantizer)):
             quantizer.make_scale_learnable()
         for parameter in quantizer.parameters():
@@ -368,19 +364,6 @@ def _trainable_quantizer_params(unit: Unit, config: AIQViTConfig) -> tuple[list[
     return steps, dfq
 
 
-def _quantizers(model: CanonicalModel) -> list[Quantizer]:
-    seen: dict[int, Quantizer] = {}
-    for site in model.sites():
-        for quantizer in site.module.quantizers():
-            seen.setdefault(id(quantizer), quantizer)
-    return list(seen.values())
-
-
-def _check_initialized(model: CanonicalModel) -> None:
-    for site in model.sites():
-        for quantizer in site.module.quantizers():
-            if not quantizer.initialized:
-                raise RuntimeError(f"initialisation never reached {site.name} ({site.role.value})")
 
 
 def _dfq_intervals(model: CanonicalModel) -> dict[str, list[list[float]]]:

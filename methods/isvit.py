@@ -22,15 +22,21 @@ over tokens. No AdaRound. Switches cover the paper's ablations (SULQ → log2, s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from benchsuite.api import CalibrationSet, Method, MethodConfig
 from benchsuite.bits import BitSpec
-from benchsuite.quant.budget import Budget, BudgetTable
-from benchsuite.quant.calibration import calibration_tensor, fit_weight_quantizer, model_device
+from benchsuite.quant.budget import BudgetTable, ReconstructionConfig
+from benchsuite.quant.calibration import (
+    calibration_tensor,
+    check_initialized,
+    fit_weight_quantizer,
+    iter_quantizers,
+    model_device,
+)
 from benchsuite.quant.canonical import CanonicalModel, InputKind, Role
 from benchsuite.quant.quantizers import Log2Quantizer, LogSqrt2Quantizer, Quantizer, UniformQuantizer
 from benchsuite.quant.reconstruct import (
@@ -54,14 +60,11 @@ PAPER_BUDGET = BudgetTable(iters_low_bits=1000, iters_high_bits=200, calib_size=
 
 
 @dataclass(frozen=True)
-class ISViTConfig(MethodConfig):
+class ISViTConfig(ReconstructionConfig):
     """Defaults are the reference code's (with ``--w_cw`` and the README's iteration counts)."""
 
-    #: Calibration images; None: by budget (1024 paper, fast budget fewer).
-    calib_size: int | None = None
-    budget: Budget = "paper"
-    #: Steps per unit per stage; None: by budget and bits (1000 at ≤4 bits, 200 at 6).
-    iters: int | None = None
+    PAPER_BUDGET: ClassVar[BudgetTable] = PAPER_BUDGET
+
     #: Images of the one forward that initialises the quantizers (the first of the calibration set).
     init_size: int = 64
     batch_size: int = 64
@@ -84,14 +87,6 @@ class ISViTConfig(MethodConfig):
     #: Bits of the image entering the patch embedding; None keeps it float (reference).
     patch_embed_input_bits: int | None = None
 
-    def resolve(self, bits: BitSpec) -> ISViTConfig:
-        import dataclasses
-
-        return dataclasses.replace(
-            self,
-            iters=self.iters if self.iters is not None else PAPER_BUDGET.iters(self.budget, bits),
-            calib_size=self.calib_size if self.calib_size is not None else PAPER_BUDGET.calib(self.budget),
-        )
 
 
 class ISViT(Method):
@@ -135,7 +130,7 @@ class ISViT(Method):
                 site.module.set_input_quantizer(index, quantizer)
         with torch.no_grad():
             model(images[: config.init_size].to(device))  # lazy init, in execution order
-        _check_initialized(model)
+        check_initialized(model, "initialisation")
 
         reports: dict[str, list[UnitReport]] = {}
         if config.stage1:
@@ -161,7 +156,7 @@ class ISViT(Method):
             "calibration_images": len(images),
             "reparameterized_pairs": len(reparam_pairs),
             "sulq_eta": [
-                float(q.eta) for q in _quantizers(model) if isinstance(q, SULQuantizer) and q.initialized
+                float(q.eta) for q in iter_quantizers(model) if isinstance(q, SULQuantizer) and q.initialized
             ],
             "units": {stage: [r.to_dict() for r in rs] for stage, rs in reports.items()},
         }
@@ -212,14 +207,3 @@ def _plan(config: ISViTConfig, unit_input: Literal["float", "quant"], seed: int)
         )
 
     return plan_for
-
-
-def _quantizers(model: CanonicalModel) -> list[Quantizer]:
-    return [q for site in model.sites() for q in site.module.quantizers()]
-
-
-def _check_initialized(model: CanonicalModel) -> None:
-    for site in model.sites():
-        for quantizer in site.module.quantizers():
-            if not quantizer.initialized:
-                raise RuntimeError(f"initialisation never reached {site.name} ({site.role.value})")

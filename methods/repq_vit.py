@@ -27,7 +27,7 @@ from torch import nn
 
 from benchsuite.api import CalibrationSet, Method, MethodConfig
 from benchsuite.bits import BitSpec
-from benchsuite.quant.calibration import fit, fit_weight_quantizer
+from benchsuite.quant.calibration import check_initialized, fit, fit_weight_quantizer
 from benchsuite.quant.canonical import CanonicalModel, InputKind
 from benchsuite.quant.quantizers import LogSqrt2Quantizer, Quantizer, UniformQuantizer
 from benchsuite.quant.reparam import reparameterize_pair
@@ -93,7 +93,7 @@ class RepQViT(Method):
 
             device = next(model.parameters()).device
             model(torch.cat([batch.to(device) for batch in calibration]))  # lazy init, in order
-            _check_all_initialized(model)
+            check_initialized(model)
 
             if config.post_layernorm == "reparam":
                 for pair in pairs:
@@ -128,11 +128,3 @@ def _activation_quantizer(kind: InputKind, a_bits: int, per_channel: bool, confi
         percentiles=config.percentiles,
         lazy_init=True,
     )
-
-
-def _check_all_initialized(model: CanonicalModel) -> None:
-    """A site the calibration forward never reached would silently stay float: refuse that."""
-    for site in model.sites():
-        for quantizer in site.module.quantizers():
-            if not quantizer.initialized:
-                raise RuntimeError(f"calibration never reached {site.name} ({site.role.value})")

@@ -10,12 +10,16 @@ never mix silently.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal, TypeVar
 
 from benchsuite.bits import BitSpec
+from benchsuite.config import MethodConfig
 
-__all__ = ["Budget", "BudgetTable", "FAST_CALIB_SIZE", "FAST_ITERS"]
+__all__ = ["Budget", "BudgetTable", "FAST_CALIB_SIZE", "FAST_ITERS", "ReconstructionConfig"]
+
+R = TypeVar("R", bound="ReconstructionConfig")
 
 Budget = Literal["paper", "fast"]
 
@@ -46,3 +50,30 @@ class BudgetTable:
 
     def calib(self, budget: Budget) -> int:
         return FAST_CALIB_SIZE if budget == "fast" else self.calib_size
+
+
+@dataclass(frozen=True)
+class ReconstructionConfig(MethodConfig):
+    """Base of the reconstruction methods' configs: the budget and what it resolves.
+
+    A subclass sets ``PAPER_BUDGET``; ``calib_size`` and ``iters`` left at None are filled in by
+    :meth:`resolve` from the budget and the cell's bit widths, so a stored result names the
+    numbers that ran. The runner finds reconstruction methods by the ``budget`` field
+    (``--budget``).
+    """
+
+    PAPER_BUDGET: ClassVar[BudgetTable]
+
+    #: Calibration images; None: by budget (the paper's count, or FAST_CALIB_SIZE).
+    calib_size: int | None = None
+    budget: Budget = "paper"
+    #: Steps per unit (per stage, for staged methods); None: by budget and bit widths.
+    iters: int | None = None
+
+    def resolve(self: R, bits: BitSpec) -> R:
+        table = self.PAPER_BUDGET
+        return dataclasses.replace(
+            self,
+            iters=self.iters if self.iters is not None else table.iters(self.budget, bits),
+            calib_size=self.calib_size if self.calib_size is not None else table.calib(self.budget),
+        )

@@ -14,6 +14,7 @@ from benchsuite.quant.quantizers import Quantizer, UniformQuantizer
 
 __all__ = [
     "calibration_tensor",
+    "check_initialized",
     "fit",
     "fit_weight_quantizer",
     "iter_quantizers",
@@ -130,3 +131,15 @@ def calibration_tensor(batches: Iterable[Any], device: torch.device | str | None
         raise ValueError("the calibration set is empty")
     joined = torch.cat(tensors)
     return joined.to(device) if device is not None else joined
+
+
+def check_initialized(model: CanonicalModel, step: str = "calibration") -> None:
+    """Refuse a model with a quantizer that ``step`` never reached.
+
+    A lazily initialised quantizer that no calibration input reached stays uncalibrated and
+    passes its input through in float, which would overstate a method's accuracy silently.
+    """
+    for site in model.sites():
+        for quantizer in site.module.quantizers():
+            if not quantizer.initialized:
+                raise RuntimeError(f"{step} never reached {site.name} ({site.role.value})")
