@@ -72,7 +72,7 @@ def test_outside_plugin_installs_and_runs_through_the_cli(trained_cache, tmp_pat
 def test_no_arguments_runs_the_demo(trained_cache, tmp_path):
     """`benchsuite` alone = every available method on every demo task at w4a4 and w3a3."""
     run = subprocess.run([*BENCHSUITE, "--eval-limit", "100", "--out", str(tmp_path)], env=cli_env(trained_cache),
-                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+                         capture_output=True, text=True, timeout=1800, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     names = sorted(p.name for p in (tmp_path / "cells").glob("*.json"))
     assert any("__fp32__fp__" in n for n in names)

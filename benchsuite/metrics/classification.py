@@ -12,7 +12,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["classification_metrics", "evaluate_classifier", "topk_accuracy", "agreement", "kl_to_reference"]
+__all__ = [
+    "classification_metrics",
+    "evaluate_classifier",
+    "topk_accuracy",
+    "mean_class_accuracy",
+    "agreement",
+    "kl_to_reference",
+]
 
 
 def topk_accuracy(logits: Tensor, labels: Tensor, k: int) -> float:
@@ -23,6 +30,22 @@ def topk_accuracy(logits: Tensor, labels: Tensor, k: int) -> float:
     top = logits.topk(k, dim=1).indices
     hits = (top == labels.unsqueeze(1)).any(dim=1)
     return 100.0 * hits.double().mean().item()
+
+
+def mean_class_accuracy(logits: Tensor, labels: Tensor) -> float:
+    """Mean over the classes present in ``labels`` of each class's top-1 accuracy, in %.
+
+    Classes with no sample are left out rather than counted as 0 or NaN, so an evaluation subset
+    (``eval_limit``) gives a defined number; on a full test split every class is present.
+    """
+    logits, labels = _check(logits, labels)
+    if logits.shape[0] == 0:
+        return float("nan")
+    hits = (logits.argmax(dim=1) == labels).double()
+    classes, inverse = labels.unique(return_inverse=True)
+    correct = torch.zeros(len(classes), dtype=torch.float64).index_add_(0, inverse, hits)
+    counts = torch.zeros(len(classes), dtype=torch.float64).index_add_(0, inverse, torch.ones_like(hits))
+    return 100.0 * (correct / counts).mean().item()
 
 
 def agreement(logits: Tensor, reference_logits: Tensor) -> float:
