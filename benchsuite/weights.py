@@ -9,14 +9,17 @@ one-line message.
 from __future__ import annotations
 
 import hashlib
+import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from benchsuite.errors import DataError
+
+_log = logging.getLogger(__name__)
 
 __all__ = ["TORCH_SUFFIXES", "file_sha256", "load_into", "load_weights_file"]
 
@@ -117,3 +120,49 @@ def _some(keys: Sequence[str], shown: int = 3) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def save_safetensors_atomic(state: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str]) -> None:
+    """Write ``state`` as safetensors to ``path`` atomically (temp file + rename), world-readable.
+
+    A crash or Ctrl-C mid-write leaves the previous file (or none), never a truncated one that a
+    later run would take for trained weights.
+    """
+    import os
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(dict(state), tmp, metadata=dict(metadata))
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is ordinary user data
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def cached_trained_weights(
+    path: Path,
+    train: Callable[[], dict[str, torch.Tensor]],
+    *,
+    label: str,
+    metadata: Mapping[str, str],
+    lock: threading.Lock | threading.RLock,
+) -> dict[str, torch.Tensor]:
+    """Weights a demo task trains itself: from the cache, or trained and cached first.
+
+    The cache is benchsuite's own, so a damaged file is retrained (with a warning), not fatal.
+    """
+    with lock:
+        if path.is_file():
+            try:
+                return load_weights_file(path, label=label)
+            except DataError as exc:
+                _log.warning("%s; retraining", exc)
+        state = train()
+        save_safetensors_atomic(state, path, metadata)
+        return state

@@ -90,11 +90,13 @@ from benchsuite.bits import BitSpec
 from benchsuite.errors import ConfigError
 from benchsuite.quant.budget import BudgetTable, ReconstructionConfig
 from benchsuite.quant.calibration import (
+    calibrate_activations,
     calibration_tensor,
-    check_initialized,
-    fit_weight_quantizer,
+    fit_weight_quantizers,
     iter_quantizers,
     model_device,
+    pairs_with_roles,
+    percentile_quantizer,
 )
 from benchsuite.quant.canonical import CanonicalModel, InputKind, Role
 from benchsuite.quant.dfq import DynamicFocusingQuantizer
@@ -252,32 +254,19 @@ class AIQViT(Method):
         images = calibration_tensor(calibration, "cpu")
         reference = float_copy(model)
         model.requires_grad_(False)  # W₀, biases and norms stay frozen; the engine unfreezes what it trains
-        reparam_pairs = []
-        if config.post_ln == "reparam":
-            reparam_pairs = [
-                pair for pair in model.layernorm_pairs()
-                if all(getattr(linear, "role", None) in REPARAM_ROLES for linear in pair.linears)
-            ]
-        per_channel = {id(linear) for pair in reparam_pairs for linear in pair.linears}
-
-        # (1) activation quantizers, weights still float
-        for site in model.sites():
-            for index, kind in enumerate(site.input_kinds):
-                quantizer = _activation_quantizer(kind, bits.a_bits, id(site.module) in per_channel, config)
-                site.module.set_input_quantizer(index, quantizer)
-        with torch.no_grad():
-            model(images[: config.init_size].to(device))  # lazy init, in execution order
-        check_initialized(model, "initialisation")
+        reparam_pairs = pairs_with_roles(model, REPARAM_ROLES) if config.post_ln == "reparam" else []
+        # (1) activation quantizers (post-LN per channel where reparameterized), weights still float
+        calibrate_activations(
+            model,
+            images[: config.init_size],
+            lambda kind, per_channel: _activation_quantizer(kind, bits.a_bits, per_channel, config),
+            [linear for pair in reparam_pairs for linear in pair.linears],
+        )
         # (2) reparameterization, lossless while weights are float
         for pair in reparam_pairs:
             reparameterize_pair(pair, round_mean_zero_point=config.round_mean_zero_point)
         # (3) weight quantizers; learnable step sizes
-        with torch.no_grad():
-            for site in model.sites():
-                if site.module.has_weight:
-                    site.module.set_weight_quantizer(
-                        fit_weight_quantizer(site.module, bits.w_bits, config.weight_percentiles)
-                    )
+        fit_weight_quantizers(model, bits.w_bits, config.weight_percentiles)
         learnable = _make_quantizers_learnable(model, config.learn_quant_params)
 
         # (4) per unit: attach AILoC → rank search → discretize → fine-tune
@@ -317,10 +306,8 @@ class AIQViT(Method):
 
 def _activation_quantizer(kind: InputKind, a_bits: int, per_channel: bool, config: AIQViTConfig) -> Quantizer | None:
     if kind is InputKind.IMAGE:
-        if config.patch_embed_input_bits is None:
-            return None
-        return UniformQuantizer(config.patch_embed_input_bits, init="percentile_mse",
-                                percentiles=config.activation_percentiles, lazy_init=True)
+        bits = config.patch_embed_input_bits
+        return None if bits is None else percentile_quantizer(bits, config.activation_percentiles)
     if kind is InputKind.POST_SOFTMAX:
         if config.softmax_quantizer == "dfq":
             return DynamicFocusingQuantizer(
@@ -330,14 +317,7 @@ def _activation_quantizer(kind: InputKind, a_bits: int, per_channel: bool, confi
         if config.softmax_quantizer in ("log2", "logsqrt2"):
             log_quantizer = Log2Quantizer if config.softmax_quantizer == "log2" else LogSqrt2Quantizer
             return log_quantizer(a_bits, percentiles=config.activation_percentiles, lazy_init=True)
-    return UniformQuantizer(
-        a_bits,
-        granularity="channel" if per_channel else "tensor",
-        channel_dim=-1,
-        init="percentile_mse",
-        percentiles=config.activation_percentiles,
-        lazy_init=True,
-    )
+    return percentile_quantizer(a_bits, config.activation_percentiles, per_channel=per_channel)
 
 
 def _make_quantizers_learnable(model: CanonicalModel, learn: bool) -> int:

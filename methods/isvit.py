@@ -24,21 +24,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
-import torch
 from torch import nn
 
 from benchsuite.api import CalibrationSet, Method, MethodConfig
 from benchsuite.bits import BitSpec
 from benchsuite.quant.budget import BudgetTable, ReconstructionConfig
 from benchsuite.quant.calibration import (
+    calibrate_activations,
     calibration_tensor,
-    check_initialized,
-    fit_weight_quantizer,
+    fit_weight_quantizers,
     iter_quantizers,
     model_device,
+    pairs_with_roles,
+    percentile_quantizer,
 )
 from benchsuite.quant.canonical import CanonicalModel, InputKind, Role
-from benchsuite.quant.quantizers import Log2Quantizer, LogSqrt2Quantizer, Quantizer, UniformQuantizer
+from benchsuite.quant.quantizers import Log2Quantizer, LogSqrt2Quantizer, Quantizer
 from benchsuite.quant.reconstruct import (
     ParamGroup,
     Unit,
@@ -117,20 +118,14 @@ class ISViT(Method):
         device = model_device(model)
         images = calibration_tensor(calibration, "cpu")
         reference = float_copy(model)
-        reparam_pairs = [
-            pair for pair in model.layernorm_pairs()
-            if all(getattr(linear, "role", None) in (Role.QKV, Role.FC1) for linear in pair.linears)
-        ]
-        per_channel = {id(linear) for pair in reparam_pairs for linear in pair.linears}
-
-        # Activation quantizers; weights stay float until stage 3.
-        for site in model.sites():
-            for index, kind in enumerate(site.input_kinds):
-                quantizer = _activation_quantizer(kind, bits.a_bits, id(site.module) in per_channel, config)
-                site.module.set_input_quantizer(index, quantizer)
-        with torch.no_grad():
-            model(images[: config.init_size].to(device))  # lazy init, in execution order
-        check_initialized(model, "initialisation")
+        reparam_pairs = pairs_with_roles(model, (Role.QKV, Role.FC1))
+        # Activation quantizers (qkv/fc1 inputs per channel); weights stay float until stage 3.
+        calibrate_activations(
+            model,
+            images[: config.init_size],
+            lambda kind, per_channel: _activation_quantizer(kind, bits.a_bits, per_channel, config),
+            [linear for pair in reparam_pairs for linear in pair.linears],
+        )
 
         reports: dict[str, list[UnitReport]] = {}
         if config.stage1:
@@ -139,12 +134,7 @@ class ISViT(Method):
             )
         for pair in reparam_pairs:
             reparameterize_pair(pair, round_mean_zero_point=config.round_mean_zero_point)
-        with torch.no_grad():
-            for site in model.sites():
-                if site.module.has_weight:
-                    site.module.set_weight_quantizer(
-                        fit_weight_quantizer(site.module, bits.w_bits, config.weight_percentiles)
-                    )
+        fit_weight_quantizers(model, bits.w_bits, config.weight_percentiles)
         if config.stage3:
             reports["stage3"] = reconstruct(
                 model, reference, images, _plan(config, config.stage3_input, calibration.seed), device=device,
@@ -168,23 +158,14 @@ class ISViT(Method):
 
 def _activation_quantizer(kind: InputKind, a_bits: int, per_channel: bool, config: ISViTConfig) -> Quantizer | None:
     if kind is InputKind.IMAGE:
-        if config.patch_embed_input_bits is None:
-            return None
-        return UniformQuantizer(config.patch_embed_input_bits, init="percentile_mse",
-                                percentiles=config.activation_percentiles, lazy_init=True)
+        bits = config.patch_embed_input_bits
+        return None if bits is None else percentile_quantizer(bits, config.activation_percentiles)
     if kind is InputKind.POST_SOFTMAX:
         if config.softmax_quantizer == "sulq":
             return SULQuantizer(a_bits, mode=config.sulq_mode, eta_grid=config.eta_grid, lazy_init=True)
         log_quantizer = Log2Quantizer if config.softmax_quantizer == "log2" else LogSqrt2Quantizer
         return log_quantizer(a_bits, percentiles=config.activation_percentiles, lazy_init=True)
-    return UniformQuantizer(
-        a_bits,
-        granularity="channel" if per_channel else "tensor",
-        channel_dim=-1,
-        init="percentile_mse",
-        percentiles=config.activation_percentiles,
-        lazy_init=True,
-    )
+    return percentile_quantizer(a_bits, config.activation_percentiles, per_channel=per_channel)
 
 
 def _plan(config: ISViTConfig, unit_input: Literal["float", "quant"], seed: int):

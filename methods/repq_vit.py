@@ -27,9 +27,9 @@ from torch import nn
 
 from benchsuite.api import CalibrationSet, Method, MethodConfig
 from benchsuite.bits import BitSpec
-from benchsuite.quant.calibration import check_initialized, fit, fit_weight_quantizer
+from benchsuite.quant.calibration import check_initialized, fit, fit_weight_quantizer, percentile_quantizer
 from benchsuite.quant.canonical import CanonicalModel, InputKind
-from benchsuite.quant.quantizers import LogSqrt2Quantizer, Quantizer, UniformQuantizer
+from benchsuite.quant.quantizers import LogSqrt2Quantizer, Quantizer
 from benchsuite.quant.reparam import reparameterize_pair
 
 PostLayerNormMode = Literal["reparam", "per_channel", "per_tensor"]
@@ -120,11 +120,4 @@ def _activation_quantizer(kind: InputKind, a_bits: int, per_channel: bool, confi
     if kind is InputKind.POST_SOFTMAX and config.softmax_quantizer == "log_sqrt2":
         return LogSqrt2Quantizer(a_bits, percentiles=config.percentiles, lazy_init=True)
     bits = config.patch_embed_input_bits if kind is InputKind.IMAGE else a_bits
-    return UniformQuantizer(
-        bits,
-        granularity="channel" if per_channel else "tensor",
-        channel_dim=-1,
-        init="percentile_mse",
-        percentiles=config.percentiles,
-        lazy_init=True,
-    )
+    return percentile_quantizer(bits, config.percentiles, per_channel=per_channel)

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -30,7 +29,7 @@ from torch import nn
 from benchsuite.api import CalibrationSet, Evaluation, ModelSpec, Task, TaskInfo, sha256_of
 from benchsuite.errors import DataError
 from benchsuite.metrics.classification import classification_metrics, evaluate_classifier, reference_logits
-from benchsuite.weights import file_sha256, load_into
+from benchsuite.weights import cached_trained_weights, file_sha256, load_into
 from benchsuite.weights import load_weights_file as _read_weights_file
 
 __all__ = [
@@ -290,21 +289,6 @@ class _progress:
             self.bar.__exit__(*exc)
 
 
-def _save_atomic(state: Mapping[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(dict(state), tmp, metadata={"recipe": json.dumps(RECIPE, sort_keys=True)})
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is ordinary user data
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
     """A state dict from safetensors, or a weights-only torch checkpoint (.pt/.pth/.bin).
 
@@ -319,16 +303,13 @@ def _load_into(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) 
 
 def _cached_state() -> dict[str, torch.Tensor]:
     """The trained weights from the cache, training and caching them first when needed."""
-    path = cached_weights_path()
-    with _lock:
-        if path.is_file():
-            try:
-                return load_weights_file(path)
-            except DataError as exc:  # our own cache: a damaged file is retrained, not fatal
-                log.warning("%s; retraining", exc)
-        state = train_digits_vit()
-        _save_atomic(state, path)
-        return state
+    return cached_trained_weights(
+        cached_weights_path(),
+        train_digits_vit,
+        label="digits",
+        metadata={"recipe": json.dumps(RECIPE, sort_keys=True)},
+        lock=_lock,
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ from benchsuite.tasks.modelnet40_data import (
     write_lists,
     write_shape,
 )
-from benchsuite.weights import load_weights_file
+from benchsuite.weights import cached_trained_weights
 
 __all__ = [
     "DATA_RECIPE",
@@ -249,34 +249,15 @@ def train_demo_model() -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
 
 
-def _save_atomic(state: Mapping[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(dict(state), tmp, metadata={"recipe": json.dumps(MODEL_RECIPE, sort_keys=True),
-                                              "data_sha256_12": data_hash()})
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _cached_state() -> dict[str, torch.Tensor]:
     """The trained weights from the cache, training and caching them first when needed."""
-    path = cached_weights_path()
-    with _lock:
-        if path.is_file():
-            try:
-                return load_weights_file(path, label="modelnet40-demo")
-            except DataError as exc:  # our own cache: a damaged file is retrained, not fatal
-                log.warning("%s; retraining", exc)
-        state = train_demo_model()
-        _save_atomic(state, path)
-        return state
+    return cached_trained_weights(
+        cached_weights_path(),
+        lambda: train_demo_model(),
+        label="modelnet40-demo",
+        metadata={"recipe": json.dumps(MODEL_RECIPE, sort_keys=True), "data_sha256_12": data_hash()},
+        lock=_lock,
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,8 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import threading
 import time
 from collections.abc import Mapping
@@ -39,7 +37,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchsuite.api import ModelSpec, TaskInfo
-from benchsuite.errors import DataError
 from benchsuite.pointcloud import PointMAESegmenter, pack_segmentation_input
 from benchsuite.pointcloud.data import shape_rng
 from benchsuite.tasks.digits import cache_dir
@@ -55,7 +52,7 @@ from benchsuite.tasks.shapenetpart_data import (
     write_shape,
     write_split_lists,
 )
-from benchsuite.weights import file_sha256, load_into, load_weights_file
+from benchsuite.weights import cached_trained_weights, file_sha256, load_into, load_weights_file
 
 __all__ = [
     "DATA_RECIPE",
@@ -307,35 +304,18 @@ def _resample_all(ids, xyz, labels, epoch: int) -> tuple[torch.Tensor, torch.Ten
     return torch.from_numpy(points), torch.from_numpy(targets)
 
 
-def _save_atomic(state: Mapping[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        metadata = {"data_recipe": json.dumps(DATA_RECIPE, sort_keys=True),
-                    "model_recipe": json.dumps(MODEL_RECIPE, sort_keys=True)}
-        save_file(dict(state), tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _cached_state() -> dict[str, torch.Tensor]:
     """The trained weights from the cache, training and caching them first when needed."""
-    path = cached_weights_path()
-    with _lock:
-        if path.is_file():
-            try:
-                return load_weights_file(path, label="shapenetpart-demo")
-            except DataError as exc:  # our own cache: a damaged file is retrained, not fatal
-                log.warning("%s; retraining", exc)
-        state = train_demo_segmenter(ensure_demo_data())
-        _save_atomic(state, path)
-        return state
+    return cached_trained_weights(
+        cached_weights_path(),
+        lambda: train_demo_segmenter(ensure_demo_data()),
+        label="shapenetpart-demo",
+        metadata={
+            "data_recipe": json.dumps(DATA_RECIPE, sort_keys=True),
+            "model_recipe": json.dumps(MODEL_RECIPE, sort_keys=True),
+        },
+        lock=_lock,
+    )
 
 
 # --------------------------------------------------------------------------------------------

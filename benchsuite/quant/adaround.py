@@ -18,7 +18,7 @@ whether to round down or up. Each weight gets a logit ``V`` and a rectified sigm
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -182,20 +182,8 @@ class AdaRoundQuantizer(Quantizer):
 
     # -- serialization -----------------------------------------------------------------------
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        self._resize_for_load(state_dict, prefix, ("scale", "zero_point", "weight_floor", "v"))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+    #: Tensors that take their shape at calibration (resized to the saved shapes on load).
+    SHAPED_AT_CALIBRATION: ClassVar[tuple[str, ...]] = ("scale", "zero_point", "weight_floor", "v")
 
     def extra_repr(self) -> str:
         parts = [super().extra_repr(), "hard" if self.is_hard else "soft"]

@@ -9,18 +9,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchsuite.quant.canonical import CanonicalModel
+from benchsuite.quant.canonical import CanonicalModel, InputKind, LayerNormPair, Role
 from benchsuite.quant.quantizers import Quantizer, UniformQuantizer
 
 __all__ = [
     "calibration_tensor",
+    "calibrate_activations",
     "check_initialized",
     "fit",
     "fit_weight_quantizer",
+    "fit_weight_quantizers",
     "iter_quantizers",
     "model_device",
     "observe",
     "observing",
+    "pairs_with_roles",
+    "percentile_quantizer",
     "set_enabled",
 ]
 
@@ -143,3 +147,56 @@ def check_initialized(model: CanonicalModel, step: str = "calibration") -> None:
         for quantizer in site.module.quantizers():
             if not quantizer.initialized:
                 raise RuntimeError(f"{step} never reached {site.name} ({site.role.value})")
+
+
+def percentile_quantizer(bits: int, percentiles: Sequence[float], *, per_channel: bool = False) -> UniformQuantizer:
+    """The RepQ-ViT-lineage activation quantizer: asymmetric uniform, percentile/MSE-initialised
+    on its first input (lazy), per tensor or per channel along the last dim."""
+    return UniformQuantizer(
+        bits,
+        granularity="channel" if per_channel else "tensor",
+        channel_dim=-1,
+        init="percentile_mse",
+        percentiles=percentiles,
+        lazy_init=True,
+    )
+
+
+def pairs_with_roles(model: CanonicalModel, roles: Iterable[Role]) -> list[LayerNormPair]:
+    """The model's LayerNorm pairs whose Linears all have one of ``roles`` (those a method
+    reparameterizes: I&S-ViT leaves Swin's reduction out, AIQViT takes it)."""
+    wanted = set(roles)
+    return [
+        pair for pair in model.layernorm_pairs()
+        if all(getattr(linear, "role", None) in wanted for linear in pair.linears)
+    ]
+
+
+def calibrate_activations(
+    model: CanonicalModel,
+    images: torch.Tensor,
+    quantizer_for: Callable[[InputKind, bool], Quantizer | None],
+    per_channel: Iterable[nn.Module] = (),
+) -> None:
+    """Put ``quantizer_for(kind, per_channel)`` on every input and initialise them in one pass.
+
+    The quantizers must be lazy: one no-grad forward over ``images`` initialises each on its
+    first input, in execution order, so each sees inputs that already passed the quantized ops
+    upstream (the reference codes' sequential calibration). ``per_channel`` names the modules
+    whose inputs are calibrated per channel (post-LayerNorm inputs before reparameterization).
+    """
+    channel_wise = {id(module) for module in per_channel}
+    for site in model.sites():
+        for index, kind in enumerate(site.input_kinds):
+            site.module.set_input_quantizer(index, quantizer_for(kind, id(site.module) in channel_wise))
+    with torch.no_grad():
+        model(images.to(model_device(model)))
+    check_initialized(model, "initialisation")
+
+
+def fit_weight_quantizers(model: CanonicalModel, bits: int, percentiles: Sequence[float]) -> None:
+    """A per-output-channel weight quantizer, fitted on the current weight, on every weighted op."""
+    with torch.no_grad():
+        for site in model.sites():
+            if site.module.has_weight:
+                site.module.set_weight_quantizer(fit_weight_quantizer(site.module, bits, percentiles))

@@ -27,7 +27,7 @@ i.e. multiplicatively).
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -206,9 +206,7 @@ class DynamicFocusingQuantizer(Quantizer):
         """Initialize the interval(s) on every tensor observed since the last finalize."""
         if not self._samples:
             raise RuntimeError(f"{self.__class__.__name__} cannot finalize: it observed no data")
-        samples, self._samples = self._samples, []
-        rows = samples[0] if len(samples) == 1 else torch.cat(samples, dim=1)
-        del samples
+        rows = self._take_samples()
         with torch.no_grad():
             b1 = torch.full((rows.shape[0],), self.b1_init, dtype=rows.dtype, device=rows.device)
             b2 = self._search_b2(rows, b1) if self.init == "mse" else quantiles(rows, [self.quantile])[0]
@@ -260,20 +258,8 @@ class DynamicFocusingQuantizer(Quantizer):
 
     # -- serialization -----------------------------------------------------------------------
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        self._resize_for_load(state_dict, prefix, ("u1", "u2"))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+    #: Tensors that take their shape at calibration (resized to the saved shapes on load).
+    SHAPED_AT_CALIBRATION: ClassVar[tuple[str, ...]] = ("u1", "u2")
 
     def extra_repr(self) -> str:
         parts = [super().extra_repr(), f"below={self.below!r}", f"granularity={self.granularity!r}"]

@@ -18,7 +18,7 @@ through :func:`~benchsuite.quant.init_search.search_uniform_rows`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -193,9 +193,7 @@ class PerPatchOutlierQuantizer(Quantizer):
         """Run the percentile/MSE search for every position on the kept inliers, then drop them."""
         if not self._samples or self._observed_layout is None:
             raise RuntimeError(f"{self.__class__.__name__} cannot finalize: it observed no data")
-        samples, self._samples = self._samples, []
-        rows = samples[0] if len(samples) == 1 else torch.cat(samples, dim=1)
-        del samples
+        rows = self._take_samples()
         scale, zero_point, _ = search_uniform_rows(rows, self.bits, self.percentiles, MIN_SCALE)
         self._set_tensor("scale", scale.float().reshape(self._observed_layout))
         self.zero_point = zero_point.float().reshape(self._observed_layout)
@@ -274,20 +272,8 @@ class PerPatchOutlierQuantizer(Quantizer):
 
     # -- serialization -----------------------------------------------------------------------
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        self._resize_for_load(state_dict, prefix, ("scale", "zero_point"))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+    #: Tensors that take their shape at calibration (resized to the saved shapes on load).
+    SHAPED_AT_CALIBRATION: ClassVar[tuple[str, ...]] = ("scale", "zero_point")
 
     def extra_repr(self) -> str:
         parts = [super().extra_repr(), f"alpha={self.alpha:g}", f"token_dims={self.token_dims}"]

@@ -206,6 +206,32 @@ class Quantizer(nn.Module):
         else:
             setattr(self, name, value)
 
+    #: Tensors that take their shape at calibration (resized to the saved shapes on load).
+    SHAPED_AT_CALIBRATION: ClassVar[tuple[str, ...]] = ()
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        # A calibrated state must load into a fresh quantizer, whose tensors are still empty.
+        self._resize_for_load(state_dict, prefix, self.SHAPED_AT_CALIBRATION)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+
+    def _take_samples(self) -> torch.Tensor:
+        """Every tensor kept by ``observe`` since the last finalize, as one (rows, values) tensor,
+        and release them (a search consumes its samples once)."""
+        samples: list[torch.Tensor] = getattr(self, "_samples", [])
+        self._samples = []
+        return samples[0] if len(samples) == 1 else torch.cat(samples, dim=1)
+
     def _resize_for_load(self, state_dict: dict[str, Any], prefix: str, names: Sequence[str]) -> None:
         """Give the tensors ``names`` the shapes saved in ``state_dict`` before loading into them.
 
@@ -400,9 +426,7 @@ class UniformQuantizer(Quantizer):
                     f"{self.__class__.__name__} cannot finalize: no tensors kept since the last "
                     f"finalize (the {self.init} search consumes them)"
                 )
-            samples, self._samples = self._samples, []
-            rows = samples[0] if len(samples) == 1 else torch.cat(samples, dim=1)
-            del samples
+            rows = self._take_samples()
             if self.init == "lp_search":
                 scale, zero_point = search_uniform_lp(rows, self.bits, self.lp_norm, min_scale=MIN_SCALE)
             else:
@@ -501,22 +525,7 @@ class UniformQuantizer(Quantizer):
 
     # -- serialization -----------------------------------------------------------------------
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        # Buffers start empty and take their shape at calibration; adopt the saved shapes so a
-        # calibrated quantizer can be restored into a fresh one.
-        self._resize_for_load(state_dict, prefix, ("scale", "zero_point", "min_val", "max_val"))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+    SHAPED_AT_CALIBRATION: ClassVar[tuple[str, ...]] = ("scale", "zero_point", "min_val", "max_val")
 
     def extra_repr(self) -> str:
         parts = [super().extra_repr(), f"granularity={self.granularity!r}"]
@@ -624,9 +633,7 @@ class LogSqrt2Quantizer(Quantizer):
         """Search Δ on every tensor observed since the last finalize, then release them."""
         if not self._samples:
             raise RuntimeError(f"{self.__class__.__name__} cannot finalize: it observed no data")
-        samples, self._samples = self._samples, []
-        rows = samples[0] if len(samples) == 1 else torch.cat(samples, dim=1)
-        del samples
+        rows = self._take_samples()
         self._set_tensor("scale", self._search_scale(rows).float())
 
     def _search_scale(self, rows: torch.Tensor) -> torch.Tensor:
@@ -671,20 +678,8 @@ class LogSqrt2Quantizer(Quantizer):
         values = delta * torch.exp2(-clamp_inclusive(codes, 0, self.qmax) / self.CODES_PER_OCTAVE)
         return torch.where(underflow, torch.zeros_like(values), values).to(x.dtype)
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        self._resize_for_load(state_dict, prefix, ("scale",))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+    #: Tensors that take their shape at calibration (resized to the saved shapes on load).
+    SHAPED_AT_CALIBRATION: ClassVar[tuple[str, ...]] = ("scale",)
 
     def extra_repr(self) -> str:
         parts = [super().extra_repr()]

@@ -19,7 +19,7 @@ At inference the shift folds into fc2's bias: ``W(x̂' + m) = W·x̂' + m·W·1`
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -188,9 +188,7 @@ class ShiftLogQuantizer(Quantizer):
         """Shift the kept tensors, search δ on them, then release them."""
         if not self._samples:
             raise RuntimeError(f"{self.__class__.__name__} cannot finalize: it observed no data")
-        samples, self._samples = self._samples, []
-        rows = samples[0] if len(samples) == 1 else torch.cat(samples, dim=1)
-        del samples
+        rows = self._take_samples()
         self.min_val = rows.amin().reshape(1).float()
         shift = self.min_val.to(rows.dtype).reshape(())
         if self.shift_mode == "static" and self.static_min is not None:
@@ -250,20 +248,8 @@ class ShiftLogQuantizer(Quantizer):
 
     # -- serialization -----------------------------------------------------------------------
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        self._resize_for_load(state_dict, prefix, ("scale", "min_val"))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+    #: Tensors that take their shape at calibration (resized to the saved shapes on load).
+    SHAPED_AT_CALIBRATION: ClassVar[tuple[str, ...]] = ("scale", "min_val")
 
     def extra_repr(self) -> str:
         parts = [super().extra_repr(), f"base={self.base!r}", f"shift_mode={self.shift_mode!r}"]

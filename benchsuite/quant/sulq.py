@@ -21,7 +21,7 @@ slightly negative (consequence 3).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
 import torch
 
@@ -170,9 +170,7 @@ class SULQuantizer(Quantizer):
         """Search η on every tensor observed since the last finalize, then release them."""
         if not self._samples:
             raise RuntimeError(f"{self.__class__.__name__} cannot finalize: it observed no data")
-        samples, self._samples = self._samples, []
-        rows = samples[0] if len(samples) == 1 else torch.cat(samples, dim=1)
-        del samples
+        rows = self._take_samples()
         eta, y_min, y_max = search_sulq_params(rows, self.bits, self.eta_grid)
         self.set_params(eta, y_min, y_max)
 
@@ -222,20 +220,8 @@ class SULQuantizer(Quantizer):
 
     # -- serialization -----------------------------------------------------------------------
 
-    def _load_from_state_dict(
-        self,
-        state_dict: dict[str, Any],
-        prefix: str,
-        local_metadata: dict[str, Any],
-        strict: bool,
-        missing_keys: list[str],
-        unexpected_keys: list[str],
-        error_msgs: list[str],
-    ) -> None:
-        self._resize_for_load(state_dict, prefix, ("eta", "y_min", "y_max"))
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-        )
+    #: Tensors that take their shape at calibration (resized to the saved shapes on load).
+    SHAPED_AT_CALIBRATION: ClassVar[tuple[str, ...]] = ("eta", "y_min", "y_max")
 
     def extra_repr(self) -> str:
         parts = [super().extra_repr(), f"mode={self.mode!r}"]
