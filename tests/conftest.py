@@ -7,6 +7,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# CI replays the same property examples on every run (one seed, no example database) so a red CI
+# is always reproducible; local runs keep exploring fresh examples. Select with HYPOTHESIS_PROFILE.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 sys.path.insert(0, str(Path(__file__).parent))
 
