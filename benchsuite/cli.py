@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from benchsuite.errors import BenchsuiteError
+from benchsuite.quant.budget import BUDGETS
 
 EXIT_OK = 0
 EXIT_CELLS_FAILED = 1
@@ -75,9 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="float weights file (safetensors or a weights-only torch checkpoint)")
     run.add_argument("--config", type=_assignment, action="append", default=[], metavar="METHOD.FIELD=VALUE",
                      help="override a method config field, e.g. minmax.calib_size=64")
-    run.add_argument("--budget", choices=("paper", "fast"),
-                     help="reconstruction methods: the paper's steps and images, or a reduced budget "
-                          "for CPUs (recorded in every result; default paper, demo fast)")
+    run.add_argument("--budget", choices=BUDGETS,
+                     help="reconstruction methods: the paper's steps and images, a reduced budget for "
+                          "CPUs (fast), or the smallest that runs every step (demo); recorded in every "
+                          "result (default paper; the demo uses demo)")
     run.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"result folder (default {DEFAULT_OUT})")
     run.add_argument("--overwrite", choices=("only-missing", "never", "always"), default="only-missing",
                      help="only-missing: rerun missing and failed cells (default); never; always")

@@ -124,7 +124,8 @@ __all__ = ["ADFQViT", "ADFQViTConfig", "PAPER_BUDGET"]
 
 PERCENTILES = (0.999, 0.9999, 0.99999)
 #: 3000 steps per unit at every bit width (reference README; script default 5000); 1024 images.
-PAPER_BUDGET = BudgetTable(iters_low_bits=3000, iters_high_bits=3000, calib_size=1024)
+#: Mini-batches of 32 rows per step (plus as many quantized-only rows in the same forward).
+PAPER_BUDGET = BudgetTable(iters_low_bits=3000, iters_high_bits=3000, calib_size=1024, batch_size=32)
 
 
 @dataclass(frozen=True)
@@ -133,8 +134,6 @@ class ADFQViTConfig(ReconstructionConfig):
 
     PAPER_BUDGET: ClassVar[BudgetTable] = PAPER_BUDGET
 
-    #: Mini-batch rows per step (plus as many quantized-only rows in the same forward).
-    batch_size: int = 32
     #: Cached quantized-model inputs of a unit that initialise its activation quantizers.
     act_init_size: int = 256
     # -- quantizers ------------------------------------------------------------------------------

@@ -122,7 +122,7 @@ ACTIVATION_PERCENTILES = (0.999, 0.9999, 0.99999)
 WEIGHT_PERCENTILES = (0.97, 0.98, 0.99, 0.995, 0.9995, 0.9997, 0.9999, 0.99995, 0.99999)
 RANK_CANDIDATES = (4, 8, 16, 32, 64, 100)
 #: 1000 steps per unit at ≤ 4 bits, 200 at 6 bits, 1024 images (spec §6, borrowed from I&S-ViT).
-PAPER_BUDGET = BudgetTable(iters_low_bits=1000, iters_high_bits=200, calib_size=1024)
+PAPER_BUDGET = BudgetTable(iters_low_bits=1000, iters_high_bits=200, calib_size=1024, batch_size=32)
 #: Roles a compensation may be attached to (Linear layers only).
 AILOC_ROLES = ("qkv", "proj", "fc1", "fc2", "head", "reduction", "other")
 #: Post-LayerNorm Linears calibrated per channel and reparameterized (spec §6).
@@ -135,7 +135,6 @@ class AIQViTConfig(ReconstructionConfig):
 
     PAPER_BUDGET: ClassVar[BudgetTable] = PAPER_BUDGET
 
-    batch_size: int = 32
     #: Images of the one forward that initialises the activation quantizers.
     init_size: int = 64
     # -- AILoC -------------------------------------------------------------------------------
@@ -186,11 +185,10 @@ class AIQViTConfig(ReconstructionConfig):
     lr_arch: float = 3e-4
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         problems = []
-        if self.iters is not None and self.iters < 0:
-            problems.append(f"iters must be >= 0, got {self.iters}")
-        if self.batch_size < 1 or self.init_size < 1:
-            problems.append("batch_size and init_size must be >= 1")
+        if self.init_size < 1:
+            problems.append("init_size must be >= 1")
         bad_roles = [r for r in self.ailoc_roles if r not in AILOC_ROLES]
         if bad_roles:
             problems.append(f"ailoc_roles takes {', '.join(AILOC_ROLES)}, got {bad_roles}")

@@ -57,7 +57,7 @@ ACTIVATION_PERCENTILES = (0.999, 0.9999, 0.99999)
 WEIGHT_PERCENTILES = (0.97, 0.98, 0.99, 0.995, 0.9995, 0.9997, 0.9999, 0.99995, 0.99999)
 ETA_GRID = (0.001, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.1, 0.2, 0.5, 1.0)
 #: 1000 steps per unit and stage at 3/4 bits, 200 at 6 bits (reference README); 1024 images.
-PAPER_BUDGET = BudgetTable(iters_low_bits=1000, iters_high_bits=200, calib_size=1024)
+PAPER_BUDGET = BudgetTable(iters_low_bits=1000, iters_high_bits=200, calib_size=1024, batch_size=64)
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,6 @@ class ISViTConfig(ReconstructionConfig):
 
     #: Images of the one forward that initialises the quantizers (the first of the calibration set).
     init_size: int = 64
-    batch_size: int = 64
     lr: float = 4e-5
     #: ``sulq`` (the method); ``log2`` (the paper's ablation: a log2 quantizer instead of SULQ);
     #: ``log_sqrt2`` (RepQ-ViT's quantizer, for comparison).

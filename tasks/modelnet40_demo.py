@@ -286,7 +286,7 @@ _INFO = TaskInfo(
         f"{len(CLASSES)} classes of procedural shapes written in the modelnet40_normal_resampled layout "
         "and read by the modelnet40 loader; a tiny Point-MAE trained by benchsuite; needs no data root"
     ),
-    demo=False,
+    demo=True,
 )
 
 

@@ -332,7 +332,7 @@ _INFO = TaskInfo(
         "ShapeNetPart's demo twin: 372 generated mugs, lamps, tables and chairs (10 parts) in the "
         "ShapeNetPart layout, read by the same loader; a tiny Point-MAE trained by benchsuite; no data root"
     ),
-    demo=False,
+    demo=True,
 )
 
 

@@ -242,7 +242,7 @@ def test_config_resolves_the_budget_round_trips_and_parses_overrides():
     assert ADFQViTConfig(iters=7, calib_size=5).resolve(BitSpec(4, 4)).iters == 7
 
     config = ADFQViTConfig()
-    assert (config.gradient_mode, config.kl_axis, config.qdrop_prob, config.batch_size) == ("reference", "heads", 0.5, 32)
+    assert (config.gradient_mode, config.kl_axis, config.qdrop_prob, paper.batch_size) == ("reference", "heads", 0.5, 32)
     for c in (config, paper, fast):
         assert type(c).from_dict(c.to_dict()) == c
     changed = config.with_overrides({

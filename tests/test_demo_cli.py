@@ -77,4 +77,13 @@ def test_no_arguments_runs_the_demo(trained_cache, tmp_path):
     names = sorted(p.name for p in (tmp_path / "cells").glob("*.json"))
     assert any("__fp32__fp__" in n for n in names)
     assert {n.split("__")[3] for n in names if "__minmax__" in n} == {"w4a4", "w3a3"}
-    assert "top1" in run.stdout
+    from benchsuite import registry
+
+    demo_tasks = {name for name, reason in registry.tasks.availability().items()
+                  if reason is None and registry.tasks.get(name).info.demo}
+    assert {"digits", "modelnet40-demo", "shapenetpart-demo"} <= demo_tasks
+    assert {n.split("__")[0] for n in names} == demo_tasks
+    methods = {name for name, reason in registry.methods.availability().items() if reason is None}
+    assert {n.split("__")[2] for n in names} == methods
+    assert all("__cfg" in n for n in names if n.split("__")[2] in {"isvit", "adfq-vit", "aiqvit"})  # [budget=demo]
+    assert "top1" in run.stdout and "[budget=demo]" in run.stdout

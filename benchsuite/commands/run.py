@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
         models=args.models,
         calib_size=args.calib_size,
         config_overrides=_with_budget(
-            _config_overrides(args.config), methods, args.budget or ("fast" if demo else None)
+            _config_overrides(args.config), methods, args.budget or ("demo" if demo else None)
         ),
     )
     cells = plan_cells(request, settings)
