@@ -87,11 +87,12 @@ def adapt(model: nn.Module) -> CanonicalModel:
 
 
 def _register_builtins() -> None:
-    from benchsuite.quant.adapters import point_mae, timm_swin, timm_vit
+    from benchsuite.quant.adapters import mmdet_swin, point_mae, timm_swin, timm_vit
 
     register_adapter(timm_vit.is_timm_vit, timm_vit.adapt_timm_vit, timm_vit.FAMILY)
     register_adapter(timm_swin.is_timm_swin, timm_swin.adapt_timm_swin, timm_swin.FAMILY)
     register_adapter(point_mae.is_point_mae, point_mae.adapt_point_mae, point_mae.FAMILY)
+    register_adapter(mmdet_swin.is_mmdet_swin, mmdet_swin.adapt_mmdet_swin, mmdet_swin.FAMILY)
 
 
 _register_builtins()
