@@ -33,6 +33,12 @@ EXTRA_FOR_MODULE = {
     "h5py": "pointcloud",
     "ray": "ray",
 }
+#: Extras with a compiled dependency that PyPI has only as source: the project's build script
+#: installs it against the installed torch first (a plain pip install of the extra fails).
+BUILD_SCRIPT_FOR_EXTRA = {
+    "coco": "scripts/build_mmcv.sh",
+    "pointcloud": "scripts/build_torch_cluster.sh",
+}
 
 
 def normalize(name: str) -> str:
@@ -77,7 +83,9 @@ def _missing_dependency_reason(exc: ImportError, value: str) -> str:
         return f"cannot import {value} ({exc})"  # the plugin itself is broken, not a dependency
     extra = EXTRA_FOR_MODULE.get(module)
     if module and extra:
-        return f"needs {module} (pip install 'benchsuite[{extra}]')"
+        script = BUILD_SCRIPT_FOR_EXTRA.get(extra)
+        steps = f"{script}, then pip install 'benchsuite[{extra}]'" if script else f"pip install 'benchsuite[{extra}]'"
+        return f"needs {module} ({steps})"
     if module:
         return f"needs {module}, which is not importable ({exc})"
     return str(exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -62,10 +63,11 @@ def test_missing_optional_dependency_is_listed_not_fatal(tmp_path, monkeypatch):
         {"fake_coco_task": "import mmdet  # not installed\nclass FakeCoco: pass\n"},
     )
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(sys.modules, "mmdet", None)  # not installed, even where the extra is
     fresh = registry.Registry(registry.TASKS_GROUP, "task")
     status = fresh.availability()
     assert status["digits"] is None
-    assert status["fake-coco"] == "needs mmdet (pip install 'benchsuite[coco]')"
+    assert status["fake-coco"] == "needs mmdet (scripts/build_mmcv.sh, then pip install 'benchsuite[coco]')"
     with pytest.raises(PluginUnavailableError, match="fake-coco is unavailable: needs mmdet"):
         fresh.get("fake-coco")
 
