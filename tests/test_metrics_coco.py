@@ -222,3 +222,22 @@ def test_to_coco_results_conversion_and_json():
     assert json.loads(json.dumps(results)) == results
     assert all("segmentation" not in r for r in to_coco_results(42, det, with_masks=False))
     assert to_coco_results(1, Detection(np.zeros((0, 4)), [], [], np.zeros((0, 5, 5), bool)), True) == []
+
+
+@pytest.mark.real_assets
+def test_real_val2017_ground_truth_fed_back_scores_ap_one():
+    """The real-data check of the COCO issue: the 158 real val2017 images' official annotations."""
+    from conftest import ASSETS
+
+    annotations = ASSETS / "coco" / "annotations" / "instances_val2017.json"
+    if not annotations.is_file():
+        pytest.skip(f"{annotations} is absent")
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco_gt = COCO(str(annotations))
+    image_ids = sorted(coco_gt.getImgIds())
+    assert len(image_ids) == 158
+    results = ground_truth_as_results(coco_gt, image_ids, with_masks=True)
+    stats = evaluate_coco(coco_gt, results, image_ids=image_ids)
+    for iou_type in ("bbox", "segm"):
+        assert stats[iou_type][0] == pytest.approx(1.0, abs=1e-9), iou_type
+        assert stats[iou_type][1] == pytest.approx(1.0, abs=1e-9), iou_type
