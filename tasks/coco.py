@@ -413,17 +413,17 @@ class CocoTask(Task):
         if model not in self._pipelines:
             from mmengine.dataset import Compose
 
-            from benchsuite.detection.models import _register_mmdet_modules
+            from benchsuite.detection.models import register_mmdet_modules
 
-            _register_mmdet_modules()
+            register_mmdet_modules()
             self._pipelines[model] = Compose(self.test_pipeline(model))
         return self._pipelines[model]
 
     def _data_preprocessor(self, model: str) -> nn.Module:
         """A standalone copy of the detector's ``DetDataPreprocessor`` (for calibration)."""
-        from benchsuite.detection.models import _register_mmdet_modules, detector_config
+        from benchsuite.detection.models import register_mmdet_modules, detector_config
 
-        _register_mmdet_modules()
+        register_mmdet_modules()
         from mmdet.registry import MODELS
 
         return MODELS.build(copy.deepcopy(detector_config(model).model.data_preprocessor)).to(self.options.device)

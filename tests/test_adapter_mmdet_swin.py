@@ -21,7 +21,7 @@ from benchsuite.quant.adapters import adapt, registered_adapters  # noqa: E402
 from benchsuite.quant.canonical import InputKind, Role  # noqa: E402
 from benchsuite.quant.modules import QuantModule  # noqa: E402
 
-TINY_SWIN = dict(embed_dims=32, depths=(2, 2), num_heads=(2, 4), window_size=4, out_indices=(0, 1))
+from tiny_detectors import TINY_SWIN, shrink_to_tiny_swin  # noqa: E402
 
 
 def tiny_backbone(seed: int = 0) -> SwinTransformer:
@@ -43,12 +43,7 @@ def tiny_mask_rcnn():
     register_all_modules()
     config_dir = Path(mmdet.__file__).parent / ".mim" / "configs"
     cfg = Config.fromfile(str(config_dir / "swin" / "mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py")).model
-    cfg.backbone.update(TINY_SWIN, init_cfg=None, pretrain_img_size=32)
-    cfg.neck.in_channels = [32, 64]
-    cfg.neck.num_outs = 3
-    cfg.rpn_head.anchor_generator.strides = [4, 8, 16]
-    for extractor in (cfg.roi_head.bbox_roi_extractor, cfg.roi_head.mask_roi_extractor):
-        extractor.featmap_strides = [4, 8]
+    shrink_to_tiny_swin(cfg)
     torch.manual_seed(0)
     model = MODELS.build(cfg)
     model.init_weights()

@@ -26,7 +26,7 @@ from benchsuite.quant.canonical import Role  # noqa: E402
 from benchsuite.tasks.coco import METRICS, CocoTask, DetectorRunner  # noqa: E402
 
 MODEL = "mask-rcnn-swin-t"
-TINY_SWIN = dict(embed_dims=32, depths=(2, 2), num_heads=(2, 4), window_size=4, out_indices=(0, 1))
+from tiny_detectors import shrink_to_tiny_swin  # noqa: E402
 SIZES = {"train2017": [(64, 48), (48, 64), (56, 56), (64, 40)], "val2017": [(64, 48), (48, 64), (60, 44)]}
 
 
@@ -36,16 +36,11 @@ class TinyCocoTask(CocoTask):
     def build_detector(self, model):
         from mmdet.registry import MODELS
 
-        from benchsuite.detection.models import _register_mmdet_modules, detector_config
+        from benchsuite.detection.models import register_mmdet_modules, detector_config
 
-        _register_mmdet_modules()
+        register_mmdet_modules()
         cfg = detector_config(model).model
-        cfg.backbone.update(TINY_SWIN, pretrain_img_size=32)
-        cfg.neck.in_channels = [32, 64]
-        cfg.neck.num_outs = 3
-        cfg.rpn_head.anchor_generator.strides = [4, 8, 16]
-        for extractor in (cfg.roi_head.bbox_roi_extractor, cfg.roi_head.mask_roi_extractor):
-            extractor.featmap_strides = [4, 8]
+        shrink_to_tiny_swin(cfg)
         cfg.test_cfg.rcnn.score_thr = 0.0  # random weights: keep every detection, so masks are scored
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)

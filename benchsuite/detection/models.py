@@ -43,6 +43,7 @@ __all__ = [
     "build_detector",
     "cascade_mask_rcnn_swin_config",
     "detector_config",
+    "register_mmdet_modules",
     "detector_spec",
     "mmdet_config_dir",
 ]
@@ -352,7 +353,7 @@ def detector_config(name: str) -> Config:
 _REGISTERED = False
 
 
-def _register_mmdet_modules() -> None:
+def register_mmdet_modules() -> None:
     """Register mmdet's modules in mmengine's registries once (and make ``mmdet`` the default
     scope), so that ``MODELS.build`` finds ``MaskRCNN``, ``SwinTransformer``, ... ."""
     global _REGISTERED
@@ -372,7 +373,7 @@ def build_detector(name: str) -> torch.nn.Module:
     ``load_state_dict(strict=True)``. Nothing is downloaded.
     """
     config = detector_config(name)
-    _register_mmdet_modules()
+    register_mmdet_modules()
     from mmdet.registry import MODELS
 
     model = MODELS.build(config.model)
