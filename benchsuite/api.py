@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from benchsuite.bits import BitSpec
-from benchsuite.config import MethodConfig
+from benchsuite.config import MethodConfig, TaskConfig
 from benchsuite.errors import BitSpecError, BenchsuiteError, UnknownNameError
 
 if TYPE_CHECKING:  # torch stays out of the import path of `benchsuite list`
@@ -33,6 +33,7 @@ __all__ = [
     "Evaluation",
     "Method",
     "MethodConfig",
+    "TaskConfig",
     "ModelSpec",
     "Task",
     "TaskInfo",
@@ -57,6 +58,8 @@ class TaskInfo:
     description: str = ""
     #: Part of `benchsuite run` with no arguments (needs no data root, runs in minutes on a CPU).
     demo: bool = False
+    #: Why a task that needs no download is still not in the demo (shown by `benchsuite list`).
+    not_in_demo: str = ""
 
 
 @dataclass(frozen=True)
@@ -126,6 +129,11 @@ class CalibrationSet:
         }
 
 
+def overrides_hash(overrides: Sequence[tuple[str, str]]) -> str:
+    """Eight hex digits naming a set of ``FIELD=VALUE`` overrides in a file name."""
+    return sha256_of([f"{k}={v}" for k, v in overrides])[:8]
+
+
 def sha256_of(items: Sequence[str]) -> str:
     """Stable hash of a list of strings (order matters)."""
     return hashlib.sha256(json.dumps(list(items)).encode()).hexdigest()
@@ -149,9 +157,23 @@ class Task(ABC):
 
     name: ClassVar[str]
     info: ClassVar[TaskInfo]
+    #: The task's result-changing options (``--task-option TASK.FIELD=VALUE``); none by default.
+    config_class: ClassVar[type[TaskConfig]] = TaskConfig
 
-    def __init__(self, options: TaskOptions | None = None) -> None:
+    def __init__(self, options: TaskOptions | None = None, config: TaskConfig | None = None) -> None:
         self.options = options or TaskOptions()
+        self.config = config if config is not None else self.config_class()
+        if not isinstance(self.config, self.config_class):
+            raise TypeError(f"task {self.name!r} takes a {self.config_class.__name__}, got {type(self.config).__name__}")
+
+    def float_variant(self) -> tuple[tuple[str, str], ...]:
+        """The overrides of this task's config that change the float model or its evaluation."""
+        default = self.config_class()
+        return tuple(
+            (name, str(getattr(self.config, name)))
+            for name in sorted(self.config_class.FLOAT_FIELDS)
+            if getattr(self.config, name) != getattr(default, name)
+        )
 
     @classmethod
     @abstractmethod
@@ -258,6 +280,8 @@ class Cell:
     seed: int
     calib_size: int | None = None
     config_overrides: tuple[tuple[str, str], ...] = ()
+    #: ``--task-option`` overrides of the task's config, sorted (float cells: only float fields).
+    task_overrides: tuple[tuple[str, str], ...] = ()
 
     @property
     def key(self) -> str:
@@ -266,7 +290,9 @@ class Cell:
         if self.calib_size is not None:
             parts.append(f"calib{self.calib_size}")
         if self.config_overrides:
-            parts.append("cfg" + sha256_of([f"{k}={v}" for k, v in self.config_overrides])[:8])
+            parts.append("cfg" + overrides_hash(self.config_overrides))
+        if self.task_overrides:
+            parts.append("task" + overrides_hash(self.task_overrides))
         return "__".join(safe_name(p) for p in parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -278,6 +304,7 @@ class Cell:
             "seed": self.seed,
             "calib_size": self.calib_size,
             "config_overrides": dict(self.config_overrides),
+            "task_overrides": dict(self.task_overrides),
         }
 
     @classmethod
@@ -294,6 +321,7 @@ class Cell:
             seed=int(data["seed"]),
             calib_size=data.get("calib_size"),
             config_overrides=tuple(sorted((data.get("config_overrides") or {}).items())),
+            task_overrides=tuple(sorted((data.get("task_overrides") or {}).items())),
         )
 
 

@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="float weights file (safetensors or a weights-only torch checkpoint)")
     run.add_argument("--config", type=_assignment, action="append", default=[], metavar="METHOD.FIELD=VALUE",
                      help="override a method config field, e.g. minmax.calib_size=64")
+    run.add_argument("--task-option", type=_assignment, action="append", default=[], metavar="TASK.FIELD=VALUE",
+                     help="set a task option that changes results, e.g. coco.quantize_scope=backbone "
+                          "(benchsuite list tasks shows them); part of the cell and its label")
     run.add_argument("--budget", choices=BUDGETS,
                      help="reconstruction methods: the paper's steps and images, a reduced budget for "
                           "CPUs (fast), or the smallest that runs every step (demo); recorded in every "

@@ -1,4 +1,4 @@
-"""Frozen, versioned method configurations.
+"""Frozen, versioned method and task configurations.
 
 A method's config is a frozen dataclass whose defaults are its paper's settings. The whole config
 is serialized into every result, so a leaderboard row says exactly what ran; ``CONFIG_VERSION``
@@ -20,21 +20,19 @@ from benchsuite.errors import ConfigError
 if typing.TYPE_CHECKING:
     from benchsuite.bits import BitSpec
 
-C = TypeVar("C", bound="MethodConfig")
+C = TypeVar("C", bound="FrozenConfig")
+M = TypeVar("M", bound="MethodConfig")
 
 
 @dataclass(frozen=True)
-class MethodConfig:
-    """Base of every method's config.
+class FrozenConfig:
+    """Base of every config a result records: frozen, versioned, serializable, overridable as text.
 
-    Subclasses add fields with the paper's defaults and may raise ``CONFIG_VERSION``.
-    ``calib_size`` is the number of calibration samples the method asks for; ``None`` lets the
-    task choose its own default.
+    Subclasses add fields with their defaults and may raise ``CONFIG_VERSION`` when a field's
+    meaning changes.
     """
 
     CONFIG_VERSION: ClassVar[int] = 1
-
-    calib_size: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict: the class name, its version and every field."""
@@ -60,13 +58,31 @@ class MethodConfig:
         values: dict[str, Any] = {}
         for key, text in overrides.items():
             if key not in names:
+                from benchsuite.registry import suggestion
+
+                listed = ", ".join(sorted(names)) or "none"
                 raise ConfigError(
-                    f"{type(self).__name__} has no field {key!r}; fields: {', '.join(sorted(names))}"
+                    f"{type(self).__name__} has no field {key!r}{suggestion(key, sorted(names))}; fields: {listed}"
                 )
             values[key] = parse_field_value(text, hints[key], key)
         return dataclasses.replace(self, **values)
 
-    def resolve(self: C, bits: BitSpec) -> C:
+    def describe(self) -> str:
+        """One line ``name=value, ...`` for listings."""
+        return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+
+
+@dataclass(frozen=True)
+class MethodConfig(FrozenConfig):
+    """Base of every method's config; its defaults are the paper's settings.
+
+    ``calib_size`` is the number of calibration samples the method asks for; ``None`` lets the
+    task choose its own default.
+    """
+
+    calib_size: int | None = None
+
+    def resolve(self: M, bits: BitSpec) -> M:
         """The config with every field that depends on the cell's bit widths filled in.
 
         The runner calls this before running a cell and stores the result, so a record names the
@@ -74,9 +90,19 @@ class MethodConfig:
         """
         return self
 
-    def describe(self) -> str:
-        """One line ``name=value, ...`` for listings."""
-        return ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in dataclasses.fields(self))
+
+@dataclass(frozen=True)
+class TaskConfig(FrozenConfig):
+    """Base of a task's options that change its results (``--task-option TASK.FIELD=VALUE``).
+
+    Where data and weights live is a run setting (:class:`benchsuite.api.TaskOptions`); what a
+    task's config holds changes the numbers (the calibration source, what is quantized), so a
+    cell's task overrides are part of its key and its leaderboard label. ``FLOAT_FIELDS`` names
+    the fields that also change the float model or its evaluation: only those give the float
+    baseline its own variant.
+    """
+
+    FLOAT_FIELDS: ClassVar[frozenset[str]] = frozenset()
 
 
 def _jsonable(value: Any) -> Any:

@@ -171,7 +171,7 @@ def _dedupe(results: list[Result]) -> list[Result]:
     """One result per (task, model, method variant, bits, seed): an ok one beats a failed one, else last."""
     chosen: dict[tuple[Any, ...], Result] = {}
     for result in results:
-        key = (result.task, result.model, result.method_label, _normalize_bits(result.bits), result.seed)
+        key = (result.task_label, result.model, result.method_label, _normalize_bits(result.bits), result.seed)
         previous = chosen.get(key)
         if previous is not None and previous.ok and not result.ok:
             continue
@@ -210,7 +210,7 @@ def results_frame(results: Iterable[Result]) -> pd.DataFrame:
         bits = _normalize_bits(result.bits)
         main = main_of.get(result.task)
         base = {
-            "task": result.task,
+            "task": result.task_label,
             "model": result.model,
             "method": result.method_label,
             "bits": bits,

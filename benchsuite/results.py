@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchsuite.api import Cell, safe_name
+from benchsuite.api import Cell, overrides_hash, safe_name
 from benchsuite.errors import ResultStoreError
 
 SCHEMA_VERSION = 1
@@ -65,12 +65,26 @@ class Result:
 
         ``isvit [budget=fast]`` and ``aiqvit [use_ailoc=false]`` are different rows of a
         leaderboard: an ablation or a reduced budget must never pass for the method's default.
+        Task options that change how a model is quantized but not the float model (COCO's
+        ``calib_source`` or ``quantize``) are labelled here too; see :attr:`task_label`.
         """
-        overrides = self.cell.get("config_overrides") or {}
-        items = sorted(overrides.items() if isinstance(overrides, dict) else (tuple(p) for p in overrides))
+        float_fields = set(self._float_task_overrides())
+        items = _override_items(self.cell.get("config_overrides"))
+        items += [(k, v) for k, v in _override_items(self.cell.get("task_overrides")) if k not in float_fields]
         if not items:
             return self.method
-        return f"{self.method} [{', '.join(f'{key}={value}' for key, value in items)}]"
+        return f"{self.method} [{', '.join(f'{key}={value}' for key, value in sorted(items))}]"
+
+    @property
+    def task_label(self) -> str:
+        """The task's name, plus the task options that change its float model (random weights)."""
+        items = sorted(self._float_task_overrides().items())
+        if not items:
+            return self.task
+        return f"{self.task} [{', '.join(f'{key}={value}' for key, value in items)}]"
+
+    def _float_task_overrides(self) -> dict[str, str]:
+        return dict(_override_items(self.cell.get("float_task_overrides")))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -121,6 +135,13 @@ def read_json(path: Path) -> Any:
         raise ResultStoreError(f"cannot read {path}: {exc}") from None
 
 
+def _override_items(overrides: Any) -> list[tuple[str, str]]:
+    """``FIELD=VALUE`` pairs of a recorded override mapping (or legacy list of pairs)."""
+    if not overrides:
+        return []
+    return [tuple(p) for p in (overrides.items() if isinstance(overrides, dict) else overrides)]
+
+
 class ResultStore:
     """A run folder of result files."""
 
@@ -138,8 +159,11 @@ class ResultStore:
     def cell_path(self, cell: Cell) -> Path:
         return self.cells_dir / f"{cell.key}.json"
 
-    def float_path(self, task: str, model: str) -> Path:
-        return self.float_dir / f"{safe_name(task)}__{safe_name(model)}.json"
+    def float_path(self, task: str, model: str, variant: Sequence[tuple[str, str]] = ()) -> Path:
+        """The float baseline of (task, model); a task config that changes the float model
+        (``variant``, e.g. random weights) has its own file."""
+        suffix = f"__task{overrides_hash(variant)}" if variant else ""
+        return self.float_dir / f"{safe_name(task)}__{safe_name(model)}{suffix}.json"
 
     def save(self, cell: Cell, result: Result) -> Path:
         path = self.cell_path(cell)
@@ -167,11 +191,13 @@ class ResultStore:
         for path in sorted(self.cells_dir.glob("*.json")):
             yield Result.from_dict(read_json(path))
 
-    def save_float(self, task: str, model: str, record: dict[str, Any]) -> None:
-        write_json_atomic(self.float_path(task, model), {"schema_version": SCHEMA_VERSION, **record})
+    def save_float(
+        self, task: str, model: str, record: dict[str, Any], variant: Sequence[tuple[str, str]] = ()
+    ) -> None:
+        write_json_atomic(self.float_path(task, model, variant), {"schema_version": SCHEMA_VERSION, **record})
 
-    def load_float(self, task: str, model: str) -> dict[str, Any] | None:
-        path = self.float_path(task, model)
+    def load_float(self, task: str, model: str, variant: Sequence[tuple[str, str]] = ()) -> dict[str, Any] | None:
+        path = self.float_path(task, model, variant)
         if not path.exists():
             return None
         record = read_json(path)

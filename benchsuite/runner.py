@@ -78,11 +78,15 @@ class PlanRequest:
     models: Sequence[str] | None = None
     calib_size: int | None = None
     config_overrides: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    #: ``--task-option`` values by task name: ``{"coco": {"quantize": "backbone"}}``.
+    task_overrides: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
-def make_task(name: str, settings: RunSettings) -> Task:
+def make_task(name: str, settings: RunSettings, overrides: Iterable[tuple[str, str]] = ()) -> Task:
+    """The task ``name`` with the run's data/weights options and its config overridden."""
     task_cls = registry.tasks.get(name)
-    return task_cls(settings.task_options(task_cls.name))
+    config = task_cls.config_class().with_overrides(dict(overrides))
+    return task_cls(settings.task_options(task_cls.name), config)
 
 
 def make_method(name: str) -> Method:
@@ -96,7 +100,9 @@ def plan_cells(request: PlanRequest, settings: RunSettings) -> list[Cell]:
     run with the first seed: it does not depend on bit widths or seeds.
     """
     method_classes = [registry.methods.get(m) for m in _unique(request.methods)]
-    task_objects = [make_task(t, settings) for t in _unique(request.tasks)]
+    task_names = [registry.tasks.entry(t).name for t in _unique(request.tasks)]
+    task_overrides = _task_overrides(request, task_names)
+    task_objects = [make_task(t, settings, task_overrides[t]) for t in task_names]
     _check_overrides(request, method_classes)
     if not request.seeds:
         raise BenchsuiteError("no seed given; use e.g. --seeds 0,1,2")
@@ -112,7 +118,8 @@ def plan_cells(request: PlanRequest, settings: RunSettings) -> list[Cell]:
                 overrides = tuple(sorted(request.config_overrides.get(method_cls.name, {}).items()))
                 if not method_cls.quantizes:
                     cells.append(
-                        Cell(task.name, model_name, method_cls.name, BitSpec(None, None), request.seeds[0])
+                        Cell(task.name, model_name, method_cls.name, BitSpec(None, None), request.seeds[0],
+                             task_overrides=task.float_variant())
                     )
                     continue
                 for bits in request.bits:
@@ -128,9 +135,21 @@ def plan_cells(request: PlanRequest, settings: RunSettings) -> list[Cell]:
                                 seed,
                                 request.calib_size,
                                 overrides,
+                                task_overrides[task.name],
                             )
                         )
     return _unique(cells)
+
+
+def _task_overrides(request: PlanRequest, task_names: Sequence[str]) -> dict[str, tuple[tuple[str, str], ...]]:
+    """Each planned task's ``--task-option`` overrides, sorted; naming an unplanned task is an error."""
+    by_task: dict[str, tuple[tuple[str, str], ...]] = {name: () for name in task_names}
+    for task, overrides in request.task_overrides.items():
+        name = registry.tasks.entry(task).name
+        if name not in by_task:
+            raise ConfigError(f"--task-option names task {task!r}, which is not in --tasks")
+        by_task[name] = tuple(sorted(overrides.items()))
+    return by_task
 
 
 def _check_overrides(request: PlanRequest, method_classes: Sequence[type[Method]]) -> None:
@@ -177,17 +196,17 @@ class FloatBaselines:
         self._memo: dict[tuple[str, str], FloatBaseline] = {}
 
     def get(self, task: Task, model: str) -> FloatBaseline:
-        key = (task.name, model)
+        key = (task.name, model, task.float_variant())
         if key not in self._memo:
             self._memo[key] = self._load(task, model) or self._compute(task, model)
         return self._memo[key]
 
-    def _outputs_path(self, task: str, model: str) -> Path:
-        return self.store.float_path(task, model).with_suffix(".pt")
+    def _outputs_path(self, task: Task, model: str) -> Path:
+        return self.store.float_path(task.name, model, task.float_variant()).with_suffix(".pt")
 
     def _load(self, task: Task, model: str) -> FloatBaseline | None:
-        record = self.store.load_float(task.name, model)
-        outputs_path = self._outputs_path(task.name, model)
+        record = self.store.load_float(task.name, model, task.float_variant())
+        outputs_path = self._outputs_path(task, model)
         if record is None or not outputs_path.exists():
             return None
         outputs = torch.load(outputs_path, weights_only=True)
@@ -202,7 +221,7 @@ class FloatBaselines:
         seconds = time.perf_counter() - start
         data = task.data_manifest(model)
         if evaluation.outputs is not None:
-            path = self._outputs_path(task.name, model)
+            path = self._outputs_path(task, model)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".pt.tmp")
             torch.save(evaluation.outputs, tmp)
@@ -213,12 +232,14 @@ class FloatBaselines:
             {
                 "task": task.name,
                 "model": model,
+                "task_config": task.config.to_dict(),
                 "metrics": evaluation.metrics,
                 "details": evaluation.details,
                 "evaluation_seconds": seconds,
                 "data": data,
                 "versions": library_versions(),
             },
+            task.float_variant(),
         )
         return FloatBaseline(evaluation, seconds, data)
 
@@ -251,17 +272,19 @@ def execute_cell(cell: Cell, settings: RunSettings, baselines: FloatBaselines | 
         cell=cell.to_dict(),
     )
     try:
-        task = make_task(cell.task, settings)
+        task = make_task(cell.task, settings, cell.task_overrides)
+        result.cell["float_task_overrides"] = dict(task.float_variant())
         method = make_method(cell.method)
         result.main_metric = task.info.main_metric
         result.higher_is_better = task.info.higher_is_better
         result.device = describe_device(settings.device)
         config = cell_config(method, task, cell)
-        result.config = {"method": method.name, **config.to_dict()}
+        result.config = {"method": method.name, **config.to_dict(), "task": task.config.to_dict()}
         with PeakMemory(settings.device) as memory:
             baseline = baselines.get(task, cell.model)
             result.float_metrics = dict(baseline.evaluation.metrics)
-            result.data = baseline.data
+            # The cell's own task config (calibration source, scope) may differ from the float's.
+            result.data = task.data_manifest(cell.model) if method.quantizes else baseline.data
             if not method.quantizes:
                 result.metrics = dict(baseline.evaluation.metrics)
                 result.calibration_seconds = 0.0
@@ -374,8 +397,13 @@ def run_cells(
     return summary
 
 
-def validate_tasks(task_names: Iterable[str], settings: RunSettings) -> None:
+def validate_tasks(
+    task_names: Iterable[str],
+    settings: RunSettings,
+    task_overrides: Mapping[str, Mapping[str, str]] | None = None,
+) -> None:
     """Let each task check its data before any cell runs, so bad paths fail fast with exit 2."""
-    for name in _unique(task_names):
-        make_task(name, settings).validate()
+    overrides = {registry.tasks.entry(t).name: dict(v) for t, v in (task_overrides or {}).items()}
+    for name in _unique(registry.tasks.entry(t).name for t in task_names):
+        make_task(name, settings, overrides.get(name, {}).items()).validate()
 

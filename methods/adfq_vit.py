@@ -91,6 +91,7 @@ from torch import nn
 
 from benchsuite.api import CalibrationSet, Method, MethodConfig
 from benchsuite.bits import BitSpec
+from benchsuite.errors import ConfigError
 from benchsuite.quant.adaround import AdaRoundQuantizer
 from benchsuite.quant.budget import BudgetTable, ReconstructionConfig
 from benchsuite.quant.calibration import (
@@ -212,6 +213,12 @@ class ADFQViT(Method):
         config = config.resolve(bits)
         assert bits.w_bits is not None and bits.a_bits is not None and config.iters is not None
         _check_config(config)
+        if config.post_layernorm_quantizer == "per_patch" and not model.fixed_token_count:
+            raise ConfigError(
+                "adfq-vit's per-patch quantizer keeps one scale per token position, so it needs one input "
+                f"size, and {model.family} inputs vary in size (detection images keep their aspect ratio); "
+                "run the labelled variant --config adfq-vit.post_layernorm_quantizer=per_tensor"
+            )
         images = calibration_tensor(calibration, "cpu")
         reference = float_copy(model)
         # Nothing of the network trains but what the plans hand to the optimiser.

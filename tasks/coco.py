@@ -11,8 +11,8 @@ Models: the four detectors of :data:`benchsuite.detection.models.DETECTORS` (Mas
 Cascade Mask R-CNN, Swin-T and Swin-S, 3x), built in mmdet 3.3 and loaded strictly from
 ``--weights coco=FILE`` (the Swin fork's official checkpoint, converted by
 :func:`benchsuite.detection.checkpoint.load_detection_checkpoint`). benchsuite never downloads
-them. A randomly initialised model is only available programmatically
-(``CocoTask(options, random_weights=True)``), for tests and smoke runs.
+them. ``--task-option coco.random_weights=true`` builds a randomly initialised detector instead
+(seed 0), for pipeline smoke runs; its results are labelled and its float baseline is its own.
 
 Preprocessing: mmdet's COCO test pipeline from :func:`~benchsuite.detection.models.detector_config`
 (``LoadImageFromFile``, ``Resize`` to (1333, 800) keeping the aspect ratio, ``PackDetInputs``;
@@ -25,6 +25,10 @@ The model the methods see is a :class:`DetectorRunner`: it holds the mmdet detec
 bare image tensor (a calibration batch: preprocessed images zero-padded to one canvas) it runs the
 whole detector (backbone, neck, RPN, RoI box and mask heads) with metainfo describing that canvas;
 called with ``(inputs, data_samples)`` it returns ``detector.predict(..., rescale=True)``.
+
+Options (:class:`CocoConfig`, ``--task-option coco.FIELD=VALUE``; part of the cell key and the
+leaderboard label): ``calib_source``, ``quantize_scope`` (``whole`` or ``backbone``) and
+``random_weights``.
 
 Calibration (spec §2.3): ``calib_source="train2017"`` (default) draws ``size`` train images with a
 seeded ``torch.randperm`` over the train image list (sorted by id); ``calib_source="val_first_k"``
@@ -41,20 +45,21 @@ from __future__ import annotations
 
 import copy
 import importlib.util
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
 
 from benchsuite.api import CalibrationSet, Evaluation, ModelSpec, Task, TaskInfo, sha256_of
+from benchsuite.config import TaskConfig
 from benchsuite.errors import DataError
 
 __all__ = [
     "CALIB_SOURCES",
+    "CocoConfig",
     "CocoSplit",
     "CocoTask",
     "DetectorRunner",
@@ -91,6 +96,9 @@ _INFO = TaskInfo(
     default_calib_size=32,
     description="COCO val2017 detection and instance segmentation (box / mask AP, %) with Mask R-CNN and "
     "Cascade Mask R-CNN on Swin-T/S; needs the coco extra, --data-root coco=PATH and --weights coco=FILE",
+    not_in_demo="it needs COCO images and an official checkpoint, which benchsuite never downloads, and a "
+    "stand-in detector trained on the spot would not fit the demo's 5 minutes: even a shrunk Mask R-CNN "
+    "takes 15-30 s per reconstruction method with 2 steps per unit on a 2-core CPU, before any training",
 )
 
 
@@ -103,6 +111,21 @@ def _weights_help(model: str) -> str:
         f"(trained with {spec.official_config}), which benchsuite does not download: get it from "
         f"{spec.checkpoint_url} and pass --weights coco=PATH/{spec.checkpoint}"
     )
+
+
+@dataclass(frozen=True)
+class CocoConfig(TaskConfig):
+    """What changes a COCO cell's numbers besides the method (``--task-option coco.FIELD=VALUE``)."""
+
+    FLOAT_FIELDS: ClassVar[frozenset[str]] = frozenset({"random_weights"})
+
+    #: ``train2017``: seeded draw (default); ``val_first_k``: the first k val images (RepQ-ViT's code).
+    calib_source: Literal["train2017", "val_first_k"] = "train2017"
+    #: ``whole``: backbone, neck and heads (RepQ-ViT's code); ``backbone``: neck and heads stay float.
+    quantize_scope: Literal["whole", "backbone"] = "whole"
+    #: A randomly initialised detector (seed 0) instead of ``--weights``: pipeline smoke runs only,
+    #: its AP is meaningless.
+    random_weights: bool = False
 
 
 @dataclass
@@ -148,17 +171,36 @@ class DetectorRunner(nn.Module):
 
 
 def canvas_samples(inputs: torch.Tensor) -> list:
-    """One ``DetDataSample`` per image of a padded batch, each describing the whole canvas."""
+    """One ``DetDataSample`` per image of a zero-padded batch, as mmdet describes a padded batch.
+
+    Each image's ``img_shape`` is its own extent on the canvas, so the RPN clips proposals to the
+    image and not to the padding, as in mmdet's own batches. The extent is read off the tensor:
+    after the preprocessor's mean subtraction no real pixel is exactly 0 in all three channels
+    (the means 123.675, 116.28, 103.53 are not integers), so the trailing all-zero rows and
+    columns are the padding. An image that is zero everywhere keeps the whole canvas.
+    """
     from mmdet.structures import DetDataSample
 
     height, width = (int(s) for s in inputs.shape[-2:])
     samples = []
-    for _ in range(inputs.shape[0]):
+    for image in inputs:
+        image_height, image_width = content_extent(image)
         sample = DetDataSample()
-        sample.set_metainfo(dict(img_shape=(height, width), ori_shape=(height, width), scale_factor=(1.0, 1.0),
-                                 pad_shape=(height, width), batch_input_shape=(height, width)))
+        sample.set_metainfo(dict(img_shape=(image_height, image_width), ori_shape=(image_height, image_width),
+                                 scale_factor=(1.0, 1.0), pad_shape=(height, width),
+                                 batch_input_shape=(height, width)))
         samples.append(sample)
     return samples
+
+
+def content_extent(image: torch.Tensor) -> tuple[int, int]:
+    """Height and width of ``image`` (C, H, W) up to its last row and column that are not all zero."""
+    nonzero = image.detach().ne(0).any(dim=0)
+    rows = torch.nonzero(nonzero.any(dim=1)).flatten()
+    cols = torch.nonzero(nonzero.any(dim=0)).flatten()
+    if rows.numel() == 0:
+        return int(image.shape[-2]), int(image.shape[-1])
+    return int(rows[-1]) + 1, int(cols[-1]) + 1
 
 
 class CocoTask(Task):
@@ -169,12 +211,15 @@ class CocoTask(Task):
     #: Class index i of the detectors is the i-th of mmdet's COCO class names.
     NUM_CLASSES: ClassVar[int] = 80
 
-    def __init__(self, options=None, *, calib_source: str = "train2017", random_weights: bool = False) -> None:
-        super().__init__(options)
-        if calib_source not in CALIB_SOURCES:
-            raise DataError(f"coco calib_source must be one of {', '.join(CALIB_SOURCES)}, got {calib_source!r}")
-        self.calib_source = calib_source
-        self.random_weights = random_weights
+    config_class = CocoConfig
+
+    def __init__(self, options=None, config: CocoConfig | None = None) -> None:
+        super().__init__(options, config)
+        if self.config.calib_source not in CALIB_SOURCES:
+            raise DataError(f"coco calib_source must be one of {', '.join(CALIB_SOURCES)}, "
+                            f"got {self.config.calib_source!r}")
+        self.calib_source = self.config.calib_source
+        self.random_weights = self.config.random_weights
         self._splits: dict[str, CocoSplit] = {}
         self._pipelines: dict[str, Any] = {}
 
@@ -190,7 +235,7 @@ class CocoTask(Task):
 
     @classmethod
     def unavailable_reason(cls) -> str | None:
-        missing = [name for name in ("mmdet", "mmengine", "mmcv", "pycocotools") if importlib.util.find_spec(name) is None]
+        missing = [name for name in ("mmdet", "mmengine", "mmcv", "pycocotools", "ijson") if importlib.util.find_spec(name) is None]
         if missing:
             return (f"needs {', '.join(missing)} (scripts/build_mmcv.sh, then pip install 'benchsuite[coco]')")
         if importlib.util.find_spec("mmcv._ext") is None:
@@ -305,6 +350,12 @@ class CocoTask(Task):
         }
         return Evaluation(metrics=metrics, outputs=None, details=details)
 
+    def adapt(self, model: nn.Module):
+        """The ``mmdet_swin`` adapter; ``quantize_scope=backbone`` leaves the neck and heads float."""
+        from benchsuite.quant.adapters.mmdet_swin import adapt_mmdet_swin
+
+        return adapt_mmdet_swin(model, backbone_only=self.config.quantize_scope == "backbone")
+
     def data_manifest(self, model: str) -> dict[str, Any]:
         name = self.resolve_model(model).name
         val = self._split("val2017")
@@ -319,6 +370,7 @@ class CocoTask(Task):
             "eval_subset": _subset_rule(len(val.images), self.options.eval_limit),
             "eval_ids_sha256": sha256_of([str(val.images[i][0]) for i in chosen]),
             "calib_source": self.calib_source,
+            "quantize_scope": self.config.quantize_scope,
             "calibration": "seeded torch.randperm over train2017 sorted by image id" if self.calib_source == "train2017"
             else "the first k val2017 images in annotation-file order (RepQ-ViT protocol for k = 1)",
             "preprocess": self.test_pipeline(name) + ["detector.data_preprocessor (mean/std, bgr_to_rgb, pad 32)"],
@@ -347,13 +399,9 @@ class CocoTask(Task):
             raise DataError(f"{self.name}: {str(annotation_file)!r} is missing; {LAYOUT_HELP}")
         if not image_dir.is_dir():
             raise DataError(f"{self.name}: image folder {str(image_dir)!r} is missing; {LAYOUT_HELP}")
-        try:
-            with open(annotation_file, encoding="utf-8") as handle:
-                data = json.load(handle)
-            images = [(int(im["id"]), str(im["file_name"]), int(im["height"]), int(im["width"]))
-                      for im in data["images"]]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"{self.name}: cannot read the image list of {str(annotation_file)!r}: {exc}") from None
+        from benchsuite.detection.annotation_index import image_records
+
+        images = [tuple(record) for record in image_records(annotation_file)]
         if not images:
             raise DataError(f"{self.name}: {str(annotation_file)!r} lists no images")
         split = CocoSplit(name, annotation_file, image_dir, images, None)
@@ -375,9 +423,9 @@ class CocoTask(Task):
 
     def _category_ids(self, split: CocoSplit) -> list[int]:
         """COCO category id of each detector class index, matched by class name."""
-        with open(split.annotation_file, encoding="utf-8") as handle:
-            categories = json.load(handle).get("categories", [])
-        by_name = {str(c["name"]): int(c["id"]) for c in categories}
+        from benchsuite.detection.annotation_index import categories
+
+        by_name = categories(split.annotation_file)
         names = self.class_names()
         missing = [n for n in names if n not in by_name]
         if missing:

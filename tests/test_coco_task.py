@@ -18,12 +18,13 @@ mmdet = pytest.importorskip("mmdet")
 pytest.importorskip("mmcv.ops")
 pytest.importorskip("pycocotools")
 
+from benchsuite import registry  # noqa: E402
 from benchsuite.api import TaskOptions  # noqa: E402
 from benchsuite.errors import DataError  # noqa: E402
 from benchsuite.metrics.coco import STAT_NAMES  # noqa: E402
 from benchsuite.quant.adapters import adapt  # noqa: E402
 from benchsuite.quant.canonical import Role  # noqa: E402
-from benchsuite.tasks.coco import METRICS, CocoTask, DetectorRunner  # noqa: E402
+from benchsuite.tasks.coco import METRICS, CocoConfig, CocoTask, DetectorRunner  # noqa: E402
 
 MODEL = "mask-rcnn-swin-t"
 from tiny_detectors import shrink_to_tiny_swin  # noqa: E402
@@ -97,7 +98,7 @@ def coco_root(tmp_path_factory):
 
 
 def _task(root, **kwargs) -> TinyCocoTask:
-    return TinyCocoTask(TaskOptions(data_root=root), random_weights=True, **kwargs)
+    return TinyCocoTask(TaskOptions(data_root=root), CocoConfig(random_weights=True, **kwargs))
 
 
 def test_models_are_the_four_detectors():
@@ -201,8 +202,125 @@ def test_evaluate_end_to_end(coco_root):
     assert evaluation.details["samples"] == 3 and evaluation.details["detections"] > 0
 
     # the adapted (float) model evaluates the same, and eval_limit takes a subset
-    limited = TinyCocoTask(TaskOptions(data_root=coco_root, eval_limit=2), random_weights=True)
+    limited = TinyCocoTask(TaskOptions(data_root=coco_root, eval_limit=2), CocoConfig(random_weights=True))
     canonical = adapt(limited.build_model(MODEL))
     assert limited.evaluate(canonical, MODEL).details["samples"] == 2
     manifest = limited.data_manifest(MODEL)
     assert manifest["eval_size"] == 2 and manifest["weights"] == {"source": "random", "seed": 0}
+
+
+def test_quantize_backbone_leaves_neck_and_heads_float(coco_root):
+    whole = _task(coco_root)
+    backbone = _task(coco_root, quantize_scope="backbone")
+    whole_sites = whole.adapt(whole.build_model(MODEL)).sites()
+    backbone_sites = backbone.adapt(backbone.build_model(MODEL)).sites()
+    assert any(site.role is Role.OTHER for site in whole_sites)
+    assert not any(site.role is Role.OTHER for site in backbone_sites)
+    assert backbone.data_manifest(MODEL)["quantize_scope"] == "backbone"
+
+
+class NamedTinyCocoTask(TinyCocoTask):
+    name = "tinycoco"
+
+
+@pytest.fixture
+def tiny_coco_plugin():
+    registry.tasks.register("tinycoco", NamedTinyCocoTask)
+    yield
+    registry.tasks.unregister("tinycoco")
+
+
+def test_cli_routes_every_coco_option(tiny_coco_plugin, coco_root, tmp_path, capsys):
+    """The options a user gives on the command line reach the task and are recorded in the cell."""
+    from benchsuite.cli import main
+    from benchsuite.results import ResultStore
+
+    out = tmp_path / "out"
+    argv = ["run", "--methods", "fp32,minmax", "--tasks", "tinycoco", "--bits", "w8a8", "--out", str(out),
+            "--no-progress", "--data-root", f"tinycoco={coco_root}", "--eval-limit", "2", "--calib-size", "1",
+            "--task-option", "tinycoco.random_weights=true", "--task-option", "tinycoco.quantize_scope=backbone",
+            "--task-option", "tinycoco.calib_source=val_first_k"]
+    assert main(argv) == 0, capsys.readouterr().err
+    results = {r.method: r for r in ResultStore(out).results()}
+    assert all(r.ok for r in results.values())
+    minmax = results["minmax"]
+    assert minmax.task_label == results["fp32"].task_label == "tinycoco [random_weights=True]"
+    assert minmax.method_label == "minmax [calib_source=val_first_k, quantize_scope=backbone]"
+    assert minmax.calibration["source"] == "tinycoco:val_first_k"
+    assert minmax.data["quantize_scope"] == "backbone" and minmax.data["weights"]["source"] == "random"
+    assert minmax.config["task"]["fields"] == {
+        "calib_source": "val_first_k", "quantize_scope": "backbone", "random_weights": True}
+    printed = capsys.readouterr().out
+    assert "minmax [calib_source=val_first_k, quantize_scope=backbone]" in printed
+
+    # without random weights and without --weights, the run stops before any cell with one line
+    bad = [a for a in argv if a != "tinycoco.random_weights=true"]
+    bad.remove("--task-option")
+    assert main(bad) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--weights" in err
+
+
+def test_calibration_canvas_keeps_each_images_own_shape(coco_root):
+    """The RPN must clip proposals to each image, not to the padded canvas (mmdet's batch rule)."""
+    from benchsuite.tasks.coco import canvas_samples
+
+    task = _task(coco_root)
+    calibration = task.calibration_set(MODEL, 4, seed=0)
+    (canvas,) = calibration.batches
+    split = task._split("train2017")
+    by_id = {str(image[0]): index for index, image in enumerate(split.images)}
+    preprocessor = task._data_preprocessor(MODEL)
+    samples = canvas_samples(canvas)
+    shapes = set()
+    for sample_id, sample in zip(calibration.sample_ids, samples):
+        _, (own,) = task._preprocess(MODEL, split, by_id[sample_id], preprocessor)
+        assert sample.img_shape == own.img_shape
+        assert sample.batch_input_shape == tuple(canvas.shape[-2:])
+        shapes.add(own.img_shape)
+    assert len(shapes) > 1  # the images differ in size, so some are padded on the canvas
+    # an all-zero image keeps the whole canvas
+    assert canvas_samples(torch.zeros(1, 3, 64, 96))[0].img_shape == (64, 96)
+
+
+QUANTIZING_METHODS = [name for name, reason in registry.methods.availability().items()
+                      if reason is None and registry.methods.get(name).quantizes]
+
+
+@pytest.mark.parametrize("method_name", QUANTIZING_METHODS)
+def test_every_method_quantizes_the_whole_detector(coco_root, method_name):
+    """Generated from the registry: each method calibrates backbone, neck and heads of a detector;
+    reconstruction methods tune the backbone units and only calibrate the neck and heads."""
+    import dataclasses
+
+    from benchsuite.bits import BitSpec
+    from benchsuite.errors import ConfigError
+
+    task = _task(coco_root)
+    method = registry.methods.get(method_name)()
+    config = method.default_config()
+    fields = {f.name for f in dataclasses.fields(config)}
+    config = dataclasses.replace(config, **{k: v for k, v in (("budget", "demo"), ("iters", 2)) if k in fields})
+    calibration = task.calibration_set(MODEL, 2, seed=0)
+    canonical = task.adapt(task.build_model(MODEL))
+    if "post_layernorm_quantizer" in fields:  # adfq-vit: per-patch scales need one input size
+        with pytest.raises(ConfigError, match="per_tensor"):
+            method.quantize(canonical, calibration, BitSpec(4, 4), config)
+        canonical = task.adapt(task.build_model(MODEL))
+        config = dataclasses.replace(config, post_layernorm_quantizer="per_tensor")
+    quantized = method.quantize(canonical, calibration, BitSpec(4, 4), config)
+
+    outside = [site for site in canonical.sites() if not site.tunable]
+    assert outside and all(site.role is Role.OTHER for site in outside)
+    for site in canonical.sites():
+        for quantizer in site.module.quantizers():
+            assert quantizer.enabled and quantizer.initialized, (method_name, site.name)
+    units = method.run_info(canonical).get("units")
+    if units is not None:  # a reconstruction method
+        reports = [u for stage in units.values() for u in stage] if isinstance(units, dict) else units
+        outside_names = {site.name for site in outside}
+        assert any(u["iters"] > 0 for u in reports if u["name"] not in outside_names)
+        assert all(u["iters"] == 0 for u in reports if u["name"] in outside_names)
+    limited = TinyCocoTask(TaskOptions(data_root=coco_root, eval_limit=1), CocoConfig(random_weights=True))
+    evaluation = limited.evaluate(quantized, MODEL)
+    assert evaluation.details["samples"] == 1

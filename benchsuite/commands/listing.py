@@ -42,8 +42,12 @@ def tasks_table() -> Table:
         models = ", ".join(task.models())
         metrics = ", ".join([info.main_metric, *[m for m in info.metrics if m != info.main_metric]])
         direction = "higher is better" if info.higher_is_better else "lower is better"
+        options = task.config_class().describe()
+        options_line = f"\n[dim]--task-option {name}.FIELD=VALUE: {options}[/]" if options else ""
+        if info.not_in_demo and not info.demo:
+            options_line += f"\n[dim]not in the demo: {info.not_in_demo}[/]"
         table.add_row(
-            f"[bold]{name}[/]\n{info.description}",
+            f"[bold]{name}[/]\n{info.description}{options_line}",
             models,
             f"{metrics}\n[dim]{direction}; calibration {info.default_calib_size}[/]",
             "yes" if info.demo else "no",

@@ -46,12 +46,23 @@ def _default_methods(console: Console) -> list[str]:
 
 
 def _config_overrides(pairs: list[tuple[str, str]]) -> dict[str, dict[str, str]]:
+    return _plugin_overrides(pairs, registry.methods, "--config", "METHOD")
+
+
+def _task_overrides(pairs: list[tuple[str, str]]) -> dict[str, dict[str, str]]:
+    return _plugin_overrides(pairs, registry.tasks, "--task-option", "TASK")
+
+
+def _plugin_overrides(
+    pairs: list[tuple[str, str]], plugins: registry.Registry, flag: str, owner: str
+) -> dict[str, dict[str, str]]:
+    """``OWNER.FIELD=VALUE`` pairs grouped by the plugin's canonical name."""
     overrides: dict[str, dict[str, str]] = defaultdict(dict)
     for key, value in pairs:
-        method, dot, field = key.partition(".")
+        name, dot, field = key.partition(".")
         if not dot or not field:
-            raise ConfigError(f"--config takes METHOD.FIELD=VALUE, got {key}={value}")
-        overrides[registry.methods.entry(method).name][field] = value
+            raise ConfigError(f"{flag} takes {owner}.FIELD=VALUE, got {key}={value}")
+        overrides[plugins.entry(name).name][field] = value
     return dict(overrides)
 
 
@@ -79,6 +90,7 @@ def _with_budget(
 def _describe(cell: Cell) -> str:
     extra = f" calib={cell.calib_size}" if cell.calib_size else ""
     extra += "".join(f" {k}={v}" for k, v in cell.config_overrides)
+    extra += "".join(f" {cell.task}.{k}={v}" for k, v in cell.task_overrides)
     return f"{cell.task}/{cell.model} {cell.method} {cell.bits} seed={cell.seed}{extra}"
 
 
@@ -113,6 +125,7 @@ def run(args: argparse.Namespace) -> int:
         config_overrides=_with_budget(
             _config_overrides(args.config), methods, args.budget or ("demo" if demo else None)
         ),
+        task_overrides=_task_overrides(args.task_option),
     )
     cells = plan_cells(request, settings)
     if args.dry_run:
@@ -122,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
             console.print(f"{state} {_describe(cell)}", highlight=False)
         console.print(f"{len(cells)} cells planned into {settings.out_dir}", highlight=False)
         return EXIT_OK
-    validate_tasks(tasks, settings)
+    validate_tasks(tasks, settings, request.task_overrides)
 
     show_progress = args.progress if args.progress is not None else console.is_terminal
     summary = _run_with_progress(cells, settings, show_progress, err)

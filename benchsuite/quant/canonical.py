@@ -51,6 +51,10 @@ class Site:
     ``name`` is the module path, for reports and debugging only: methods must not parse it.
     ``input_kinds`` has one entry per quantizable input (two for the attention matmuls).
     ``block`` is the index of the transformer block the op sits in, or None outside blocks.
+    ``tunable=False`` marks an op outside blocks whose input rows do not correspond between the
+    float and the quantized model (a detector's RPN and RoI heads see each model's own
+    proposals), so no per-row float target exists: reconstruction methods initialise its
+    quantizers (their plan's ``before``/``after``) but do not optimise it.
     """
 
     name: str
@@ -58,6 +62,7 @@ class Site:
     role: Role
     input_kinds: tuple[InputKind, ...]
     block: int | None = None
+    tunable: bool = True
 
     @property
     def input_kind(self) -> InputKind:
@@ -110,10 +115,15 @@ class CanonicalModel(nn.Module):
         sites: list[Site],
         blocks: list[BlockSites],
         layernorm_pairs: list[LayerNormPair],
+        *,
+        fixed_token_count: bool = True,
     ) -> None:
         super().__init__()
         self.model = model
         self.family = family
+        #: False when evaluation inputs differ in size from calibration inputs (detection images),
+        #: so token counts vary and a method with per-token-position parameters cannot apply.
+        self.fixed_token_count = fixed_token_count
         self._sites = sites
         self._blocks = blocks
         self._layernorm_pairs = layernorm_pairs

@@ -103,6 +103,11 @@ class Unit:
     channels_first: bool = False
     #: Tokens per attention window (Swin): the loss sums over a window's tokens, not all of them.
     window_area: int | None = None
+    #: False: calibrate only (see :attr:`benchsuite.quant.canonical.Site.tunable`).
+    tunable: bool = True
+    #: Positional inputs after the first, read at capture time and passed again on every call
+    #: (mmdet's Swin blocks take ``hw_shape``); the same for every chunk of one calibration canvas.
+    extra_args: tuple = ()
 
     def quant_modules(self) -> list[QuantModule]:
         """The fake-quant ops inside the unit, in module order."""
@@ -121,7 +126,7 @@ class Unit:
         return [m for m in self.owner.modules() if isinstance(m, nn.Softmax)]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.call(x)
+        return self.call(x, *self.extra_args)
 
 
 def build_units(model: CanonicalModel, granularity: Granularity = "block") -> list[Unit]:
@@ -140,7 +145,8 @@ def build_units(model: CanonicalModel, granularity: Granularity = "block") -> li
         if site.block is None:
             module = site.module
             conv = isinstance(module, QuantConv2d)
-            units.append(Unit(len(units), site.name, "layer", module, module, False, module, channels_first=conv))
+            units.append(Unit(len(units), site.name, "layer", module, module, False, module, channels_first=conv,
+                              tunable=site.tunable))
             continue
         if site.block in emitted:
             continue
@@ -152,7 +158,8 @@ def build_units(model: CanonicalModel, granularity: Granularity = "block") -> li
             continue
         capture, capture_output = block.attention_entry or (block.attention, False)
         call = getattr(block.module, block.attention_call) if block.attention_call else block.attention
-        window_area = getattr(block.attention, "window_area", None)
+        # The window size may sit on a submodule (mmdet's ShiftWindowMSA wraps the window attention).
+        window_area = next((m.window_area for m in block.attention.modules() if hasattr(m, "window_area")), None)
         units.append(
             Unit(len(units), f"{name}.attn", "attention", block.attention, capture, capture_output, call,
                  window_area=int(window_area) if window_area is not None else None)
@@ -236,12 +243,13 @@ class ChunkedTensor:
 class UnitData:
     """What one unit trains on: float-model inputs, quantized-model inputs, float targets."""
 
-    targets: ChunkedTensor
+    #: None for a unit that is only calibrated (``Unit.tunable`` False).
+    targets: ChunkedTensor | None
     float_inputs: ChunkedTensor | None = None
     quant_inputs: ChunkedTensor | None = None
 
     def __len__(self) -> int:
-        return len(self.targets)
+        return len(_need(self.targets, "float targets"))
 
 
 class _StopForward(Exception):
@@ -260,20 +268,26 @@ def capture_inputs(
 
     The forward stops at the unit's entry, so capturing unit k costs the model's first k units.
     Quantizers upstream behave as they are set (a method calibrates them before capturing).
+    Further positional inputs of the unit (``hw_shape``) are stored on ``unit.extra_args``; they
+    must not change from chunk to chunk.
     """
     captured: list[torch.Tensor] = []
+    extras: list[tuple] = []
 
-    def keep(value: object) -> None:
+    def keep(value: object, extra: tuple = ()) -> None:
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"unit {unit.name}: captured input is {type(value).__name__}, not a tensor")
+        if any(isinstance(arg, torch.Tensor) for arg in extra):
+            raise TypeError(f"unit {unit.name}: takes a second tensor input, which the cache cannot hold")
         captured.append(value.detach().to(storage))
+        extras.append(extra)
         raise _StopForward
 
     # Reading an input stops *before* the module runs (its lazy quantizers stay untouched).
     if unit.capture_output:
         handle = unit.capture.register_forward_hook(lambda _m, _args, output: keep(output))
     else:
-        handle = unit.capture.register_forward_pre_hook(lambda _m, args: keep(args[0]))
+        handle = unit.capture.register_forward_pre_hook(lambda _m, args: keep(args[0], tuple(args[1:])))
     try:
         with torch.no_grad():
             for chunk in images:
@@ -286,6 +300,10 @@ def capture_inputs(
                     raise RuntimeError(f"the forward pass never reached unit {unit.name}")
     finally:
         handle.remove()
+    if any(extra != extras[0] for extra in extras):
+        raise ValueError(f"unit {unit.name}: its extra inputs differ between chunks ({extras[0]} vs others); "
+                         "calibrate on one canvas size")
+    unit.extra_args = extras[0] if extras else ()
     return ChunkedTensor(captured)
 
 
@@ -831,14 +849,18 @@ def reconstruct(
     if [(u.name, u.kind) for u in units] != [(u.name, u.kind) for u in float_units]:
         raise ValueError("the float model's units do not match the quantized model's")
     plans = [(u, f, plan_for(u)) for u, f in zip(units, float_units)]
-    total_steps = sum(p.settings.iters for _, _, p in plans if p is not None)
+    total_steps = sum(p.settings.iters for u, _, p in plans if p is not None and u.tunable)
     reports: list[UnitReport] = []
     with _progress_bar(progress, description, total_steps) as advance:
         for unit, float_unit, plan in plans:
             if plan is None:
                 continue
+            if not unit.tunable:
+                reports.append(_calibrate_only(model, unit, float_unit, images, plan, device, storage))
+                continue
             need_float, need_quant = plan.needs()
             float_inputs = capture_inputs(float_model, float_unit, images, device=device, storage=storage)
+            unit.extra_args = float_unit.extra_args  # the same canvas gives the same extra inputs
             data = UnitData(
                 targets=compute_outputs(float_unit, float_inputs, device=device, storage=storage),
                 float_inputs=float_inputs if need_float else None,
@@ -853,6 +875,32 @@ def reconstruct(
             reports.append(report)
             del data, context
     return reports
+
+
+def _calibrate_only(
+    model: CanonicalModel,
+    unit: Unit,
+    float_unit: Unit,
+    images: ChunkedTensor,
+    plan: UnitPlan,
+    device: torch.device,
+    storage: torch.device | str,
+) -> UnitReport:
+    """Run a plan's ``before`` and ``after`` on a non-tunable unit, with no optimisation step.
+
+    The hooks see the unit's quantized-model inputs only (for initialising its quantizers);
+    there are no float targets, since the unit's input rows have no float counterpart.
+    """
+    start = time.perf_counter()
+    if plan.before is not None or plan.after is not None:
+        data = UnitData(targets=None, quant_inputs=capture_inputs(model, unit, images, device=device, storage=storage))
+        context = UnitContext(unit, float_unit, data, plan.settings, device)
+        if plan.before is not None:
+            plan.before(context)
+        if plan.after is not None:
+            plan.after(context)
+    return UnitReport(unit.name, unit.kind, 0, 0, None, None, time.perf_counter() - start,
+                      {"calibration_only": 1.0})
 
 
 class _progress_bar:

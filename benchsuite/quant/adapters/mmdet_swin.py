@@ -20,9 +20,11 @@ Sites, in execution order:
 
 Block units for reconstruction: the MLP unit is ``ffn.layers`` (the FFN's residual is added by
 ``FFN.forward`` from a second argument, so the module itself is not a function of one input).
-mmdet blocks and window attention also take the feature map's ``hw_shape``, and detection images
-differ in size, so the reconstruction engine (which caches one fixed-shape input per unit) does not
-run on these blocks yet; the calibration-only methods (minmax, repq-vit) do.
+mmdet blocks and window attention also take the feature map's ``hw_shape``, which the engine
+captures with the unit's input and passes again (the calibration images share one padded canvas,
+so it is one value per unit). The neck and head sites are not tunable
+(:attr:`~benchsuite.quant.canonical.Site.tunable`): reconstruction methods tune the backbone and
+only calibrate the rest.
 
 The model is only inspected if mmdet is already imported (a model of its classes implies that), so
 registering this adapter never imports mmdet.
@@ -164,7 +166,9 @@ def _wrap_neck_and_heads(model: nn.Module, backbone: nn.Module, sites: list[Site
         wrapped = wrapper_cls.from_float(child, Role.OTHER, InputKind.GENERIC)
         setattr(parent, child_name, wrapped)
         name = f"{parent_name}.{child_name}" if parent_name else child_name
-        sites.append(Site(name, wrapped, wrapped.role, wrapped.input_kinds, None))
+        # Not tunable: RPN/RoI heads see each model's own proposals, so their inputs have no float
+        # counterpart row by row; reconstruction methods only calibrate the neck and heads.
+        sites.append(Site(name, wrapped, wrapped.role, wrapped.input_kinds, None, tunable=False))
 
 
 def adapt_mmdet_swin(model: nn.Module, backbone_only: bool = False) -> CanonicalModel:
@@ -222,4 +226,6 @@ def adapt_mmdet_swin(model: nn.Module, backbone_only: bool = False) -> Canonical
 
     if backbone is not model and not backbone_only:
         _wrap_neck_and_heads(model, backbone, sites)
-    return CanonicalModel(model, family=FAMILY, sites=sites, blocks=blocks, layernorm_pairs=pairs)
+    # Detection images keep their aspect ratio, so token counts differ from image to image.
+    return CanonicalModel(model, family=FAMILY, sites=sites, blocks=blocks, layernorm_pairs=pairs,
+                          fixed_token_count=False)
