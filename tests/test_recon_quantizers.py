@@ -202,6 +202,33 @@ def test_lp_search_matches_the_reference_loops(seed: int, bits: int, sign: str) 
     assert float(zero) == float(ref_zero)
 
 
+@given(seed_st, st.sampled_from([2, 4, 8]))
+@FEW
+def test_sorted_lp_scores_equal_the_brute_force_scores(seed: int, bits: int) -> None:
+    """The fast CPU scorer gives every candidate (Δ, z) the brute force's score."""
+    from benchsuite.quant.init_search import _lp_errors, _lp_errors_sorted, _lp_qparams
+
+    g = gen(seed)
+    x = torch.randn(3000, generator=g) * torch.rand(3000, generator=g).pow(3) * 4 + torch.rand(1, generator=g) - 0.5
+    x[:7] = 0.0  # exact ties with grid points
+    qmax = 2**bits - 1
+    ranges = (x.max() - x.min()) / 100 * torch.arange(1, 101, dtype=x.dtype)
+    shift = torch.arange(0, qmax + 1, dtype=x.dtype)[None, :] * (ranges / qmax)[:, None]
+    scales, zero_points = _lp_qparams((0.0 - shift).reshape(-1), (ranges[:, None] - shift).reshape(-1), bits, 1e-8)
+    brute = _lp_errors(x, scales, zero_points, bits, 2.4)
+    fast = _lp_errors_sorted(x.sort().values, scales, zero_points, bits, 2.4)
+    torch.testing.assert_close(fast, brute, rtol=2e-5, atol=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_lp_search_matches_the_reference_loops_at_4_bits(seed: int) -> None:
+    x = torch.randn(300, generator=gen(seed)) * 1.5 - 0.2
+    scale, zero = search_uniform_lp(x, 4)
+    ref_scale, ref_zero = reference_lp_search(x, 4)
+    torch.testing.assert_close(scale[0], ref_scale, rtol=1e-6, atol=0)
+    assert float(zero) == float(ref_zero)
+
+
 def test_lp_search_beats_min_max_and_hooks_into_uniform_quantizer() -> None:
     x = torch.randn(2, 50, 8, generator=gen(3))
     x[0, 0, 0] = 12.0  # one outlier: clipping it pays off in L_2.4
