@@ -90,6 +90,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-limit", type=int, help="evaluate on at most N samples (quick checks; recorded)")
     run.add_argument("--eval-batch-size", type=int, default=64)
     run.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    run.add_argument("--shard", metavar="I/N",
+                     help="run only part I of N (0-based) of the plan, e.g. $SLURM_ARRAY_TASK_ID/8; "
+                          "shards given the same arguments and --out split the plan exactly")
+    run.add_argument("--executor", choices=("local", "ray"), default="local",
+                     help="run cells one after another here (default), or as Ray tasks (extra ray)")
+    run.add_argument("--ray-address", metavar="ADDRESS",
+                     help="Ray cluster to join (e.g. auto or ray://host:10001); default: start a local one")
     run.add_argument("--metrics", choices=("main", "all"), default="main", help="leaderboard columns")
     run.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                      help="progress bar (default: only on a terminal)")

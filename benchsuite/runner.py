@@ -161,6 +161,34 @@ def _check_overrides(request: PlanRequest, method_classes: Sequence[type[Method]
         method_cls.config_class().with_overrides(dict(overrides))
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Part ``index`` of ``count`` (0-based) of a plan: ``--shard index/count``."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """``"i/n"`` with 0 ≤ i < n, e.g. ``$SLURM_ARRAY_TASK_ID/8``."""
+        index_text, slash, count_text = text.partition("/")
+        try:
+            index, count = int(index_text), int(count_text)
+        except ValueError:
+            index, count = -1, 0
+        if not slash or count < 1 or not 0 <= index < count:
+            raise BenchsuiteError(f"--shard takes I/N with 0 <= I < N (e.g. 0/4), got {text!r}")
+        return cls(index, count)
+
+    def select(self, cells: Sequence[Cell]) -> list[Cell]:
+        """This shard's cells: every ``count``-th cell of the plan, starting at ``index``.
+
+        The split depends only on the plan, so shards given the same arguments partition it
+        exactly (their union is the unsharded plan) and interleave cheap and costly cells.
+        """
+        return [cell for position, cell in enumerate(cells) if position % self.count == self.index]
+
+
 def _unique(items: Iterable[Any]) -> list[Any]:
     seen: list[Any] = []
     for item in items:
@@ -253,13 +281,9 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def execute_cell(cell: Cell, settings: RunSettings, baselines: FloatBaselines | None = None) -> Result:
-    """Run one cell and return its result; an exception becomes an error record, never escapes.
-
-    KeyboardInterrupt is not caught: the runner stops and every finished cell stays on disk.
-    """
-    baselines = baselines or FloatBaselines(ResultStore(settings.out_dir))
-    result = Result(
+def new_result(cell: Cell, settings: RunSettings) -> Result:
+    """A result record for ``cell`` in the error state, to be filled in (or kept as the failure)."""
+    return Result(
         task=cell.task,
         model=cell.model,
         method=cell.method,
@@ -271,6 +295,23 @@ def execute_cell(cell: Cell, settings: RunSettings, baselines: FloatBaselines | 
         started_at=_now(),
         cell=cell.to_dict(),
     )
+
+
+def lost_cell_result(cell: Cell, settings: RunSettings, error_type: str, message: str) -> Result:
+    """The failure record of a cell whose process died (no traceback from inside the cell)."""
+    result = new_result(cell, settings)
+    result.error = {"type": error_type, "message": message, "traceback": ""}
+    result.finished_at = _now()
+    return result
+
+
+def execute_cell(cell: Cell, settings: RunSettings, baselines: FloatBaselines | None = None) -> Result:
+    """Run one cell and return its result; an exception becomes an error record, never escapes.
+
+    KeyboardInterrupt is not caught: the runner stops and every finished cell stays on disk.
+    """
+    baselines = baselines or FloatBaselines(ResultStore(settings.out_dir))
+    result = new_result(cell, settings)
     try:
         task = make_task(cell.task, settings, cell.task_overrides)
         result.cell["float_task_overrides"] = dict(task.float_variant())

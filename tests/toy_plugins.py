@@ -100,3 +100,15 @@ class Explode(Method):
 
     def quantize(self, model, calibration: CalibrationSet, bits: BitSpec, config: MethodConfig) -> nn.Module:
         raise RuntimeError("boom at " + bits.name)
+
+
+class Crash(Method):
+    """Kills its own process inside quantize: a worker dying mid-cell (Ray executor tests only)."""
+
+    name = "crash"
+    config_class = ExplodeConfig
+
+    def quantize(self, model, calibration: CalibrationSet, bits: BitSpec, config: MethodConfig) -> nn.Module:
+        import os
+
+        os._exit(13)

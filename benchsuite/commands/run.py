@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 from collections import defaultdict
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -18,6 +20,8 @@ from benchsuite.results import Result, ResultStore
 from benchsuite.runner import (
     PlanRequest,
     RunSettings,
+    RunSummary,
+    Shard,
     plan_cells,
     run_cells,
     should_run,
@@ -128,6 +132,13 @@ def run(args: argparse.Namespace) -> int:
         task_overrides=_task_overrides(args.task_option),
     )
     cells = plan_cells(request, settings)
+    if args.shard is not None:
+        shard = Shard.parse(args.shard)
+        planned = len(cells)
+        cells = shard.select(cells)
+        err.print(f"shard {shard.index}/{shard.count}: {len(cells)} of {planned} cells", highlight=False)
+    if args.executor != "ray" and args.ray_address is not None:
+        raise BenchsuiteError("--ray-address needs --executor ray")
     if args.dry_run:
         store = ResultStore(settings.out_dir)
         for cell in cells:
@@ -138,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
     validate_tasks(tasks, settings, request.task_overrides)
 
     show_progress = args.progress if args.progress is not None else console.is_terminal
-    summary = _run_with_progress(cells, settings, show_progress, err)
+    summary = _run_with_progress(cells, settings, show_progress, err, _executor(args))
 
     results = list(ResultStore(settings.out_dir).results())
     _print_leaderboard(console, results, settings, args.metrics)
@@ -160,9 +171,18 @@ def run(args: argparse.Namespace) -> int:
     return EXIT_CELLS_FAILED if summary.failed else EXIT_OK
 
 
-def _run_with_progress(cells, settings: RunSettings, show: bool, err: Console):
+def _executor(args: argparse.Namespace) -> Callable[..., RunSummary]:
+    """The function that runs the cells: the local runner, or Ray's."""
+    if args.executor == "ray":
+        from benchsuite.ray_executor import run_cells_on_ray
+
+        return functools.partial(run_cells_on_ray, address=args.ray_address)
+    return run_cells
+
+
+def _run_with_progress(cells, settings: RunSettings, show: bool, err: Console, execute=run_cells) -> RunSummary:
     if not show:
-        return run_cells(cells, settings)
+        return execute(cells, settings)
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -178,7 +198,7 @@ def _run_with_progress(cells, settings: RunSettings, show: bool, err: Console):
         def on_done(cell: Cell, result: Result | None) -> None:
             progress.advance(bar)
 
-        return run_cells(cells, settings, on_start=on_start, on_done=on_done)
+        return execute(cells, settings, on_start=on_start, on_done=on_done)
 
 
 def _print_leaderboard(console: Console, results: list[Result], settings: RunSettings, metrics: str) -> None:
