@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -730,7 +730,8 @@ table.leaderboard tbody th { text-align: left; }
 """.strip()
 
 
-def _render_html(lb: Leaderboard) -> str:
+def _render_html(lb: Leaderboard, images: Sequence[str] = ()) -> str:
+    """The styled table, its failed cells and, when given, the plots (paths relative to the page)."""
     title = "benchsuite leaderboard"
     head_css = ""
     if lb.empty:
@@ -764,6 +765,11 @@ def _render_html(lb: Leaderboard) -> str:
                 f'\n<div class="failed"><p>Failed cells ({len(failed)}), kept out of the numbers:'
                 f"</p>\n<ul>\n{items}\n</ul></div>"
             )
+        if images:
+            figures = "\n".join(
+                f'<figure><img src="{html.escape(src)}" alt="{html.escape(Path(src).stem)}"></figure>' for src in images
+            )
+            body += f"\n<h2>Main metric versus bit width</h2>\n{figures}"
     return (
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         f"<title>{title}</title>\n<style>\n{_HTML_STYLE}\n</style>\n{head_css}</head>\n<body>\n"
@@ -796,16 +802,31 @@ def render(results: Iterable[Result], fmt: str, metrics: str = "main") -> str:
 def write_reports(
     results: Iterable[Result], out_dir: Path | str, metrics: str = "main"
 ) -> dict[str, Path]:
-    """Write leaderboard.{md,csv,tex,html} into ``out_dir``; return {format: path}."""
+    """Write leaderboard.{md,csv,tex,html} and the plots into ``out_dir``; return {format: path}.
+
+    The plots (main metric versus bit width, one PNG per task/model under ``plots/``) are embedded
+    in the HTML page.
+    """
     lb = leaderboard_frames(list(results), metrics)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths: dict[str, Path] = {}
     for fmt, name in FORMATS.items():
         path = out / name
-        path.write_text(_RENDERERS[fmt](lb), encoding="utf-8")
+        text = write_html_with_plots(lb, path) if fmt == "html" else _RENDERERS[fmt](lb)
+        path.write_text(text, encoding="utf-8")
         paths[fmt] = path
     return paths
+
+
+def write_html_with_plots(lb: Leaderboard, page: Path) -> str:
+    """The HTML page for ``page``, its plots written to ``plots/`` beside it."""
+    from benchsuite.plots import PLOT_DIR, plot_accuracy_vs_bits
+
+    if lb.empty:
+        return _render_html(lb)
+    plots = plot_accuracy_vs_bits(lb.tidy, page.parent / PLOT_DIR)
+    return _render_html(lb, [plot.relative_to(page.parent).as_posix() for plot in plots])
 
 
 def console_table(results: Iterable[Result], metrics: str = "main") -> Any:

@@ -18,7 +18,12 @@ def report(directory: Path, fmt: str, output: Path | None, metrics: str) -> int:
     results = list(store.results())
     if not any(r.ok for r in results):
         raise ResultStoreError(f"{directory} holds no finished cell")
-    text = render(results, fmt, metrics=metrics)
+    if fmt == "html" and output is not None:  # a page on disk gets its plots beside it
+        from benchsuite.leaderboard import leaderboard_frames, write_html_with_plots
+
+        text = write_html_with_plots(leaderboard_frames(results, metrics), output)
+    else:
+        text = render(results, fmt, metrics=metrics)
     if output is None:
         sys.stdout.write(text if text.endswith("\n") else text + "\n")
     else:
