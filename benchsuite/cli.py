@@ -109,6 +109,20 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--format", choices=("md", "csv", "tex", "html"), default="md")
     report.add_argument("--output", type=Path, help="write to this file instead of stdout")
     report.add_argument("--metrics", choices=("main", "all"), default="main")
+
+    bench = commands.add_parser("bench", help="time each method against the float model (ratios, FLOP/s, memory)")
+    bench.add_argument("--methods", type=_comma_list, help="comma-separated; default: every available quantizing method")
+    bench.add_argument("--model", default="deit_small_patch16_224", help="a timm model name (random weights)")
+    bench.add_argument("--bits", default="w4a4")
+    bench.add_argument("--calib-size", type=int, default=32)
+    bench.add_argument("--eval-images", type=int, default=64)
+    bench.add_argument("--batch-size", type=int, default=32)
+    bench.add_argument("--iters", type=int, default=10, help="reconstruction steps per unit (recorded)")
+    bench.add_argument("--budget", choices=BUDGETS, default="fast")
+    bench.add_argument("--repeats", type=int, default=3)
+    bench.add_argument("--device", default="cpu")
+    bench.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    bench.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     return parser
 
 
@@ -136,6 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from benchsuite.commands.report import report
 
             return report(args.directory, args.format, args.output, args.metrics)
+        if command == "bench":
+            from benchsuite.commands.bench import bench
+
+            return bench(args)
         from benchsuite.commands.run import run
 
         return run(args)
