@@ -78,7 +78,7 @@ class PlanRequest:
     models: Sequence[str] | None = None
     calib_size: int | None = None
     config_overrides: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
-    #: ``--task-option`` values by task name: ``{"coco": {"quantize": "backbone"}}``.
+    #: ``--task-option`` values by task name: ``{"coco": {"quantize_scope": "backbone"}}``.
     task_overrides: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
 
@@ -234,10 +234,14 @@ class FloatBaselines:
 
     def _load(self, task: Task, model: str) -> FloatBaseline | None:
         record = self.store.load_float(task.name, model, task.float_variant())
-        outputs_path = self._outputs_path(task, model)
-        if record is None or not outputs_path.exists():
+        if record is None:
             return None
-        outputs = torch.load(outputs_path, weights_only=True)
+        outputs = None
+        if record.get("outputs_saved", True):  # a task without comparable outputs (COCO) saves none
+            outputs_path = self._outputs_path(task, model)
+            if not outputs_path.exists():
+                return None
+            outputs = torch.load(outputs_path, weights_only=True)
         evaluation = Evaluation(record["metrics"], outputs, record.get("details", {}))
         return FloatBaseline(evaluation, record["evaluation_seconds"], record.get("data", {}))
 
@@ -261,6 +265,7 @@ class FloatBaselines:
                 "task": task.name,
                 "model": model,
                 "task_config": task.config.to_dict(),
+                "outputs_saved": evaluation.outputs is not None,
                 "metrics": evaluation.metrics,
                 "details": evaluation.details,
                 "evaluation_seconds": seconds,

@@ -104,3 +104,21 @@ def test_a_cell_is_a_function_of_the_cell_and_its_seed(toy_plugins, tmp_path):
     assert first.config["fields"]["calib_size"] == 32
     assert first.versions["torch"] and first.versions["timm"] and first.versions["benchsuite"]
     assert first.peak_memory_mb > 0 and first.calibration_seconds >= 0
+
+
+def test_float_baseline_without_outputs_is_read_back_from_disk(toy_plugins, tmp_path, monkeypatch):
+    """A task whose evaluation keeps no outputs (COCO) must not recompute its float model per run."""
+    original = toy_plugins.evaluate
+
+    def no_outputs(self, model, model_name, reference=None):
+        evaluation = original(self, model, model_name, reference)
+        evaluation.outputs = None
+        return evaluation
+
+    monkeypatch.setattr(toy_plugins, "evaluate", no_outputs)
+    settings = RunSettings(tmp_path)
+    cells = plan_cells(request(methods=("fp32", "minmax"), bits="w8a8", seeds=(0,)), settings)
+    run_cells(cells, settings)
+    toy_plugins.builds = 0
+    run_cells(cells, RunSettings(tmp_path, overwrite="always"))
+    assert toy_plugins.builds == 1  # the minmax cell's model only; the float baseline came from disk
