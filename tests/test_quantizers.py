@@ -378,3 +378,23 @@ def test_observe_turns_observing_off_when_forward_raises() -> None:
         assert q.observing
         raise KeyError
     assert not q.observing
+
+
+@pytest.mark.parametrize("scale_shape", [(), (8,), (1, 8, 1, 1)])
+def test_fused_straight_through_matches_the_op_by_op_form(scale_shape):
+    """One autograd node (speed) with the op-by-op form's values and gradients."""
+    from benchsuite.quant.quantizers import _FakeQuantSTE, clamp_inclusive, round_ste
+
+    generator = torch.Generator().manual_seed(len(scale_shape))
+    shape = (4, 8, 5, 5) if len(scale_shape) == 4 else (4, 7, 8)
+    x = (torch.randn(shape, generator=generator) * 3).requires_grad_()
+    scale = (torch.rand(scale_shape, generator=generator) * 0.3 + 0.1).requires_grad_()
+    zero = torch.randint(0, 16, scale_shape, generator=generator).float().requires_grad_()
+    x.data[0, 0, 0] = float(scale.reshape(-1)[0] * (15 - zero.reshape(-1)[0]))  # exactly on the top code
+    grad = torch.randn(shape, generator=generator)
+    reference = (clamp_inclusive(round_ste(x / scale) + zero, 0, 15) - zero) * scale
+    fused = _FakeQuantSTE.apply(x, scale, zero, 15.0)
+    assert torch.equal(fused, reference)
+    for got, want in zip(torch.autograd.grad(fused, (x, scale, zero), grad),
+                         torch.autograd.grad(reference, (x, scale, zero), grad)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
