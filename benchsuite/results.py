@@ -66,7 +66,7 @@ class Result:
         ``isvit [budget=fast]`` and ``aiqvit [use_ailoc=false]`` are different rows of a
         leaderboard: an ablation or a reduced budget must never pass for the method's default.
         Task options that change how a model is quantized but not the float model (COCO's
-        ``calib_source`` or ``quantize``) are labelled here too; see :attr:`task_label`.
+        ``calib_source`` or ``quantize_scope``) are labelled here too; see :attr:`task_label`.
         """
         float_fields = set(self._float_task_overrides())
         items = _override_items(self.cell.get("config_overrides"))
