@@ -118,9 +118,9 @@ def run_cells_on_ray(
     warm = ray.remote(_warm_baseline).options(**resources)
     run_cell = ray.remote(_run_cell).options(**resources)
 
+    refs: dict[Any, Cell] = {}
     try:
         _warm_baselines(ray, warm, pending, settings)
-        refs: dict[Any, Cell] = {}
         for cell in pending:
             if on_start:
                 on_start(cell)
@@ -133,8 +133,8 @@ def run_cells_on_ray(
             summary.ran.append(result)
             if on_done:
                 on_done(cell, result)
-    except KeyboardInterrupt:
-        for ref in list(locals().get("refs", {})):
+    except KeyboardInterrupt:  # finished cells are saved; the rest are cancelled
+        for ref in refs:
             ray.cancel(ref, force=True)
         summary.interrupted = True
     return summary
