@@ -35,53 +35,25 @@
 #   MMCV_CUDA_ARGS         extra nvcc flags of a CUDA build (read by mmcv's setup.py)
 set -euo pipefail
 
-DRY_RUN=0
-for arg in "$@"; do
-    case "$arg" in
-        --dry-run) DRY_RUN=1 ;;
-        -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
-        *) echo "unknown argument: $arg (see --help)" >&2; exit 2 ;;
-    esac
-done
-
 PYTHON="${PYTHON:-python}"
 VERSION="${MMCV_VERSION:-2.1.0}"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WHEELS="${WHEELS:-$REPO_ROOT/../shared/wheels}"
-
-run() {
-    echo "+ $*"
-    if [ "$DRY_RUN" = 0 ]; then "$@"; fi
-}
+# shellcheck source=scripts/compiled_extra.sh
+source "$REPO_ROOT/scripts/compiled_extra.sh"
 
 imports_ok() {
     # The compiled ops must load with *this* torch; a mismatched wheel (or mmcv-lite) fails here.
     "$PYTHON" -c "import torch, mmcv.ops, mmcv._ext" >/dev/null 2>&1
 }
 
-if ! "$PYTHON" -c "import torch" >/dev/null 2>&1; then
-    echo "error: $PYTHON cannot import torch; install torch first (see README)" >&2
-    exit 1
-fi
-TORCH_VERSION="$("$PYTHON" -c "import torch; print(torch.__version__)" 2>/dev/null)"
+parse_args "$@"
+require_torch
 echo "mmcv $VERSION for torch $TORCH_VERSION ($PYTHON)"
 
 # 1. A prebuilt wheel, when a wheels folder holds one.
-if [ -d "$WHEELS" ] && compgen -G "$WHEELS/mmcv-$VERSION-*.whl" >/dev/null; then
-    echo "trying the prebuilt wheel in $WHEELS"
-    # --only-binary: never fall back to building the sdist in an isolated environment here.
-    if run "$PYTHON" -m pip install --find-links "$WHEELS" --only-binary mmcv "mmcv==$VERSION"; then
-        if [ "$DRY_RUN" = 1 ] || imports_ok; then
-            echo "installed the prebuilt wheel"
-            exit 0
-        fi
-        echo "the prebuilt wheel does not load with torch $TORCH_VERSION; building from source instead"
-        run "$PYTHON" -m pip uninstall -y mmcv
-    else
-        echo "no usable prebuilt wheel; building from source"
-    fi
-else
-    echo "no prebuilt wheel folder ($WHEELS); building from source"
+if try_prebuilt_wheel "mmcv-$VERSION-*.whl" mmcv; then
+    exit 0
 fi
 
 # 2. The source build, without build isolation so that setup.py sees the installed torch.
@@ -93,24 +65,8 @@ if ! command -v ninja >/dev/null 2>&1; then
     echo "warning: ninja not found; torch compiles the ops serially (pip install ninja for MAX_JOBS)" >&2
 fi
 
-if [ -z "${MAX_JOBS:-}" ]; then
-    cores="$(nproc 2>/dev/null || echo 1)"
-    avail_kib="$(awk '/MemAvailable/ {print $2}' /proc/meminfo 2>/dev/null || echo 0)"
-    by_memory=$(( avail_kib / (2 * 1024 * 1024) ))
-    MAX_JOBS="$cores"
-    if [ "$by_memory" -ge 1 ] && [ "$by_memory" -lt "$MAX_JOBS" ]; then MAX_JOBS="$by_memory"; fi
-    if [ "$MAX_JOBS" -lt 1 ]; then MAX_JOBS=1; fi
-fi
-export MAX_JOBS  # mmcv's setup.py only sets its own default (4) when MAX_JOBS is unset
-
-if [ -z "${FORCE_CUDA:-}" ]; then
-    FORCE_CUDA=0
-    if "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.version.cuda and torch.cuda.is_available() else 1)" >/dev/null 2>&1 \
-        && { command -v nvcc >/dev/null 2>&1 || [ -x "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" ]; }; then
-        FORCE_CUDA=1
-    fi
-fi
-export FORCE_CUDA
+default_max_jobs  # mmcv's setup.py only sets its own default (4) when MAX_JOBS is unset
+default_force_cuda
 export MMCV_WITH_OPS=1  # the full mmcv with mmcv.ops (0 would build "mmcv-lite")
 BUILD_ENV=()
 if [ "$FORCE_CUDA" = 1 ]; then

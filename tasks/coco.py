@@ -55,6 +55,7 @@ from torch import nn
 
 from benchsuite.api import CalibrationSet, Evaluation, ModelSpec, Task, TaskInfo, sha256_of
 from benchsuite.config import TaskConfig
+from benchsuite.eval_subset import describe_subset, subset_indices
 from benchsuite.errors import DataError
 
 __all__ = [
@@ -315,7 +316,6 @@ class CocoTask(Task):
 
     def evaluate(self, model: nn.Module, model_name: str, reference: Evaluation | None = None) -> Evaluation:
         from benchsuite.metrics.coco import Detection, evaluate_coco, to_coco_results
-        from benchsuite.pointcloud.data import subset_indices
 
         name = self.resolve_model(model_name).name
         split = self._split("val2017")
@@ -359,7 +359,7 @@ class CocoTask(Task):
     def data_manifest(self, model: str) -> dict[str, Any]:
         name = self.resolve_model(model).name
         val = self._split("val2017")
-        chosen = subset_indices_lazy(len(val.images), self.options.eval_limit)
+        chosen = subset_indices(len(val.images), self.options.eval_limit, EVAL_SUBSET_SEED)
         manifest: dict[str, Any] = {
             "dataset": "COCO 2017",
             "data_root": str(Path(self.options.data_root).expanduser().resolve()) if self.options.data_root else None,
@@ -523,16 +523,6 @@ def _find_runner(model: nn.Module) -> DetectorRunner:
     raise DataError(f"coco evaluates the DetectorRunner its build_model returns; got {type(model).__name__}")
 
 
-def subset_indices_lazy(total: int, limit: int | None) -> list[int]:
-    from benchsuite.pointcloud.data import subset_indices
-
-    return subset_indices(total, limit, EVAL_SUBSET_SEED)
-
-
 def _subset_rule(total: int, limit: int | None) -> str:
-    if limit is None or limit >= total:
-        return f"all {total} val2017 images, in annotation-file order"
-    return (
-        f"eval_limit {limit}: the first {limit} of torch.randperm({total}) with a generator seeded "
-        f"{EVAL_SUBSET_SEED}, over the val2017 image list, evaluated in list order"
-    )
+    return describe_subset(total, limit, EVAL_SUBSET_SEED, "val2017 images", "the val2017 image list",
+                           "annotation-file order")

@@ -41,6 +41,7 @@ from torch import nn
 
 from benchsuite.api import CalibrationSet, Evaluation, ModelSpec, Task, TaskInfo, sha256_of
 from benchsuite.errors import DataError, UnknownNameError
+from benchsuite.eval_subset import describe_subset, subset_indices
 from benchsuite.metrics.classification import classification_metrics, evaluate_classifier, reference_logits
 from benchsuite.weights import file_sha256, load_into, load_weights_file
 
@@ -334,25 +335,13 @@ def _scan(root_text: str, split: str, _mtime_ns: int) -> ImageFolderSplit:
 
 
 def eval_indices(total: int, limit: int | None) -> list[int]:
-    """Indices into the sorted val list: all, or a fixed-seed random subset kept in file order.
-
-    The subset is the first ``limit`` entries of ``torch.randperm(total)`` seeded with
-    :data:`EVAL_SUBSET_SEED`, so it spreads over the classes and a smaller limit's subset is
-    contained in a larger one's.
-    """
-    if limit is None or limit >= total:
-        return list(range(total))
-    generator = torch.Generator().manual_seed(EVAL_SUBSET_SEED)
-    return sorted(torch.randperm(total, generator=generator)[: max(0, int(limit))].tolist())
+    """Indices into the sorted val list: all, or a fixed-seed random subset kept in file order
+    (:func:`benchsuite.eval_subset.subset_indices` with :data:`EVAL_SUBSET_SEED`)."""
+    return subset_indices(total, limit, EVAL_SUBSET_SEED)
 
 
 def _subset_rule(total: int, limit: int | None) -> str:
-    if limit is None or limit >= total:
-        return f"all {total} val images, sorted by path"
-    return (
-        f"eval_limit {limit}: the first {limit} of torch.randperm({total}) with a generator seeded "
-        f"{EVAL_SUBSET_SEED}, over the sorted val path list, evaluated in path order"
-    )
+    return describe_subset(total, limit, EVAL_SUBSET_SEED, "val images", "the sorted val path list", "path order")
 
 
 class _ImageFiles(torch.utils.data.Dataset):

@@ -37,7 +37,7 @@ from benchsuite.metrics.classification import (
     reference_logits,
     topk_accuracy,
 )
-from benchsuite.pointcloud.data import subset_indices
+from benchsuite.eval_subset import describe_subset, subset_indices
 from benchsuite.pointcloud.point_mae import PointMAEClassifier, load_point_mae_checkpoint
 from benchsuite.tasks.modelnet40_data import (
     SPLITS,
@@ -278,9 +278,4 @@ def _file_manifest(path: Path) -> dict[str, Any]:
 
 
 def _subset_rule(total: int, limit: int | None) -> str:
-    if limit is None or limit >= total:
-        return f"all {total} test shapes, in list order"
-    return (
-        f"eval_limit {limit}: the first {limit} of torch.randperm({total}) with a generator seeded "
-        f"{EVAL_SUBSET_SEED}, over the test list, evaluated in list order"
-    )
+    return describe_subset(total, limit, EVAL_SUBSET_SEED, "test shapes", "the test list", "list order")

@@ -45,7 +45,7 @@ from benchsuite.metrics.segmentation import (
     shape_ious,
 )
 from benchsuite.pointcloud import PointMAESegmenter, load_point_mae_checkpoint, pack_segmentation_input
-from benchsuite.pointcloud.data import subset_indices
+from benchsuite.eval_subset import describe_subset, subset_indices
 from benchsuite.tasks.shapenetpart_data import (
     Category,
     Clouds,
@@ -105,7 +105,7 @@ def eval_indices(total: int, limit: int | None) -> list[int]:
     """All test shapes, or the first ``limit`` of a fixed-seed permutation, kept in list order.
 
     A random subset spreads over the categories (the list is grouped by category), and a
-    smaller limit's subset is contained in a larger one's (:func:`~benchsuite.pointcloud.data.subset_indices`).
+    smaller limit's subset is contained in a larger one's (:func:`~benchsuite.eval_subset.subset_indices`).
     """
     return subset_indices(total, limit, EVAL_SUBSET_SEED)
 
@@ -260,14 +260,8 @@ class PartSegmentationTask(Task):
             yield inputs, clouds.labels[start:stop], categories
 
     def _subset_rule(self) -> str:
-        total = len(self.split(self.eval_split))
-        limit = self.options.eval_limit
-        if limit is None or limit >= total:
-            return f"all {total} {self.eval_split} shapes"
-        return (
-            f"eval_limit {limit}: the first {limit} of torch.randperm({total}) seeded {EVAL_SUBSET_SEED} over "
-            f"the {self.eval_split} list, evaluated in list order"
-        )
+        return describe_subset(len(self.split(self.eval_split)), self.options.eval_limit, EVAL_SUBSET_SEED,
+                               f"{self.eval_split} shapes", f"the {self.eval_split} list", "list order")
 
     def _category_miou(self, restricted, labels, categories, parts) -> dict[str, float]:
         ious = shape_ious(predict_parts(restricted, categories, parts), labels, categories, parts)

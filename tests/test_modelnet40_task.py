@@ -20,7 +20,8 @@ from benchsuite.api import Evaluation, ModelSpec, TaskOptions, sha256_of
 from benchsuite.errors import DataError
 from benchsuite.metrics.classification import mean_class_accuracy, topk_accuracy
 from benchsuite.pointcloud import PointMAEClassifier
-from benchsuite.pointcloud.data import fps_downsample, subset_indices
+from benchsuite.eval_subset import subset_indices
+from benchsuite.pointcloud.data import fps_downsample
 from benchsuite.pointcloud.ops import farthest_point_sample
 from benchsuite.tasks import modelnet40_data as data
 from benchsuite.tasks.class_shapes import CLASSES, generate_shape

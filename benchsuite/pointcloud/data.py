@@ -21,7 +21,6 @@ __all__ = [
     "read_point_txt",
     "resample_indices",
     "shape_rng",
-    "subset_indices",
 ]
 
 
@@ -123,16 +122,3 @@ def fps_downsample(
     return out
 
 
-def subset_indices(total: int, limit: int | None, seed: int = 0) -> list[int]:
-    """Indices of an evaluation subset: all of ``range(total)``, or ``limit`` of them in order.
-
-    The subset is the first ``limit`` entries of ``torch.randperm(total)`` under a generator seeded
-    with ``seed``, sorted: it spreads over the classes (lists are sorted by class), and a smaller
-    limit's subset is contained in a larger one's (the same rule as the ImageNet task).
-    """
-    if limit is None or limit >= total:
-        return list(range(total))
-    import torch
-
-    generator = torch.Generator().manual_seed(seed)
-    return sorted(torch.randperm(total, generator=generator)[: max(0, int(limit))].tolist())
