@@ -220,6 +220,39 @@ def test_sorted_lp_scores_equal_the_brute_force_scores(seed: int, bits: int) -> 
     torch.testing.assert_close(fast, brute, rtol=2e-5, atol=0)
 
 
+def _lp_candidates(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from benchsuite.quant.init_search import _lp_qparams
+
+    qmax = 2**bits - 1
+    ranges = (x.max() - x.min()) / 100 * torch.arange(1, 101, dtype=x.dtype)
+    shift = torch.arange(0, qmax + 1, dtype=x.dtype)[None, :] * (ranges / qmax)[:, None]
+    return _lp_qparams((0.0 - shift).reshape(-1), (ranges[:, None] - shift).reshape(-1), bits, 1e-8)
+
+
+@given(seed_st, st.sampled_from([2, 3, 4]), st.sampled_from(["gauss", "outliers", "ties", "one-signed"]))
+@FEW
+def test_lp_bounds_never_exceed_scores_and_pruning_keeps_the_winner(seed: int, bits: int, kind: str) -> None:
+    """The bin bound is a true lower bound, so pruning by it returns the exhaustive argmin."""
+    from benchsuite.quant import init_search
+
+    g = gen(seed)
+    x = torch.randn(5000, generator=g) * 1.5 + 0.3
+    if kind == "outliers":
+        x[torch.randint(0, 5000, (20,), generator=g)] *= 9
+    elif kind == "ties":
+        x = torch.round(x * 2) / 2  # many equal values, many exactly on grid points
+    elif kind == "one-signed":
+        x = x.abs()
+    scales, zero_points = _lp_candidates(x, bits)
+    x_sorted = x.sort().values
+    exact = init_search._lp_errors(x, scales, zero_points, bits, 2.4).double()
+    bounds = init_search._lp_lower_bounds(x_sorted, scales, zero_points, bits, 2.4)
+    assert bool((bounds <= exact * (1 + 1e-5) + 1e-12).all())
+    pruned = init_search._lp_errors_pruned(x_sorted, scales, zero_points, bits, 2.4)
+    assert int(pruned.argmin()) == int(exact.argmin())
+    assert int(torch.isfinite(pruned).sum()) < scales.numel()  # it did prune
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_lp_search_matches_the_reference_loops_at_4_bits(seed: int) -> None:
     x = torch.randn(300, generator=gen(seed)) * 1.5 - 0.2
