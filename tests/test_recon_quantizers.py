@@ -30,7 +30,7 @@ from benchsuite.quant.init_search import (
     search_uniform_rows,
 )
 from benchsuite.quant.outlier import PerPatchOutlierQuantizer
-from benchsuite.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer
+from benchsuite.quant.quantizers import LogSqrt2Quantizer, UniformQuantizer, clamp_inclusive, round_ste
 from benchsuite.quant.shift_log import GELU_LOWER_BOUND, ShiftLogQuantizer, search_log_scale
 from benchsuite.quant.sulq import DEFAULT_ETA_GRID, SULQuantizer
 
@@ -141,8 +141,12 @@ def test_log_sqrt2_without_straight_through() -> None:
     points = attn.clone().requires_grad_(True)
     out = plain(points)
     assert torch.equal(out.detach(), ste(attn))
+    assert not out.requires_grad  # plain rounding, fixed Δ: nothing to differentiate
+    plain.make_scale_learnable()
+    out = plain(points)
     out.sum().backward()
     assert torch.equal(points.grad, torch.zeros_like(points))
+    assert plain.scale.grad is not None and float(plain.scale.grad) > 0
 
 
 # ============================================================================================
@@ -679,6 +683,57 @@ def test_shift_log_ste_gradient() -> None:
     torch.testing.assert_close(points.grad[inside], ((out - 0 + 1e-6) / shifted).detach()[inside])
     assert points.grad[~inside].tolist() == [0.0] * 4
     assert delta.grad is not None and float(delta.grad) != 0
+
+
+def _shift_log_op_by_op(x, shift, delta, bits, k, eps, ste):
+    """The shift-log forward written op by op: the gradients the fused node must reproduce."""
+    shifted = (x - shift) + eps
+    positive = shifted > 0
+    exponents = torch.log2(torch.where(positive, shifted, delta) / delta) * (-k)
+    codes = round_ste(exponents) if ste else torch.round(exponents)
+    underflow = ~positive | (codes.detach() >= 2**bits)
+    levels = delta * torch.exp2(clamp_inclusive(codes, 0, 2**bits - 1) * (-1.0 / k))
+    return (torch.where(underflow, torch.zeros_like(levels), levels) + shift) - eps
+
+
+@pytest.mark.parametrize("ste", [False, True], ids=["reference", "ste"])
+@pytest.mark.parametrize("shift_mode", ["dynamic", "static"])
+@pytest.mark.parametrize("base", ["sqrt2", "2"])
+def test_fused_shift_log_matches_the_op_by_op_form(ste: bool, shift_mode: str, base: str) -> None:
+    from benchsuite.quant.shift_log import _ShiftLogFakeQuant
+
+    g = gen(int(ste) + 2 * (shift_mode == "static") + 4 * (base == "2"))
+    x = (F.gelu(torch.randn(3, 9, 16, generator=g) * 2) * torch.rand(3, 9, 16, generator=g) * 3).requires_grad_()
+    delta = torch.tensor(1.3, requires_grad=True)
+    k = 2 if base == "sqrt2" else 1
+    grad = torch.randn(x.shape, generator=g)
+    for bits in (3, 4):
+        if shift_mode == "dynamic":
+            shift_for = lambda t: t.amin()  # noqa: E731 - autograd through the minimum
+        else:
+            shift_for = lambda t: torch.tensor(-0.05)  # noqa: E731 - some inputs become ≤ 0
+        want = _shift_log_op_by_op(x, shift_for(x), delta, bits, k, 1e-6, ste)
+        got = _ShiftLogFakeQuant.apply(x, shift_for(x), delta, bits, k, 1e-6, ste)
+        assert torch.equal(got, want)
+        grads = [torch.autograd.grad(out, (x, delta), grad, allow_unused=True, materialize_grads=True)
+                 for out in (got, want)]
+        for a, b in zip(*grads):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_plain_rounding_with_a_fixed_step_records_no_autograd_nodes() -> None:
+    """Zero gradient either way, so the cheap no-grad path serves autograd too (same values)."""
+    x = torch.rand(2, 3, 8, 8, generator=gen(4)).softmax(-1).requires_grad_()
+    log_q = LogSqrt2Quantizer(3, straight_through=False)
+    uniform_q = UniformQuantizer(4, straight_through=False)
+    for q in (log_q, uniform_q):
+        calibrate(q, x.detach())
+        out = q(x)
+        assert not out.requires_grad
+        with torch.no_grad():
+            assert torch.equal(out, q(x))
+        q.make_scale_learnable()
+        assert q(x).requires_grad  # a learnable step still gets its gradient
 
 
 def test_shift_log_state_machine() -> None:

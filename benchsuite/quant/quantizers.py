@@ -561,11 +561,13 @@ class UniformQuantizer(Quantizer):
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero_point = self.quant_params(x)
-        if not needs_grad(x, scale, zero_point):
+        if not needs_grad(x, scale, zero_point) or not (self.straight_through or needs_grad(scale, zero_point)):
             # Same arithmetic, in place and without the straight-through bookkeeping: evaluation
-            # and calibration spend most of their quantization time here.
-            x_int = torch.div(x, scale).round_().add_(zero_point).clamp_(0, self.qmax)
-            return x_int.sub_(zero_point).mul_(scale).to(x.dtype)
+            # and calibration spend most of their quantization time here. Plain rounding with a
+            # fixed (Δ, z) passes no gradient at all, so it takes this path under autograd too.
+            with torch.no_grad():
+                x_int = torch.div(x, scale).round_().add_(zero_point).clamp_(0, self.qmax)
+                return x_int.sub_(zero_point).mul_(scale).to(x.dtype)
         if self.straight_through:
             return _FakeQuantSTE.apply(x, scale, zero_point, float(self.qmax)).to(x.dtype)
         x_int = clamp_inclusive(torch.round(x / scale) + zero_point, 0, self.qmax)
@@ -711,12 +713,15 @@ class LogSqrt2Quantizer(Quantizer):
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         delta = self.scale.reshape(()).to(x.dtype)
-        if not needs_grad(x, delta):
-            codes = torch.div(x, delta).log2_().mul_(-self.CODES_PER_OCTAVE).round_()
-            # NaN (x < 0), +inf (x = 0) and codes past the last level all underflow to 0.
-            underflow = ~(codes < self.n_levels)
-            values = codes.clamp_(0, self.qmax).mul_(-1.0 / self.CODES_PER_OCTAVE).exp2_().mul_(delta)
-            return values.masked_fill_(underflow, 0).to(x.dtype)
+        if not needs_grad(x, delta) or not (self.straight_through or needs_grad(delta)):
+            # Plain rounding with a fixed Δ passes no gradient at all (ADFQ-ViT's post-softmax
+            # quantizer in its reference gradient mode): no autograd nodes on attention maps.
+            with torch.no_grad():
+                codes = torch.div(x, delta).log2_().mul_(-self.CODES_PER_OCTAVE).round_()
+                # NaN (x < 0), +inf (x = 0) and codes past the last level all underflow to 0.
+                underflow = ~(codes < self.n_levels)
+                values = codes.clamp_(0, self.qmax).mul_(-1.0 / self.CODES_PER_OCTAVE).exp2_().mul_(delta)
+                return values.masked_fill_(underflow, 0).to(x.dtype)
         positive = x > 0
         # Non-positive entries take log2(1) = 0 here (finite, so no NaN gradient) and become 0 below.
         ratio = torch.where(positive, x, delta) / delta
