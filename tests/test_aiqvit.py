@@ -116,6 +116,23 @@ def test_default_path_is_plain_linear_and_compensation_is_in_state_dict():
         assert torch.equal(linear(x), expected)
 
 
+def test_branch_form_evaluates_as_one_folded_matmul_that_follows_updates():
+    linear = quant_linear()
+    compensation = randomized(LowRankCompensation(24, 40, CANDIDATES, generator=gen(3)))
+    linear.set_compensation(compensation)
+    x = torch.randn(5, 24, generator=gen(4))
+    trained = linear(x)  # autograd path: x·Q_w(W)ᵀ + b + (x·Aᵀ)·Bᵀ
+    assert trained.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x), trained.detach(), rtol=1e-5, atol=1e-5)
+        folded = linear._folded_cache[2]
+        assert linear(x) is not None and linear._folded_cache[2] is folded  # reused
+        compensation.B.add_(1.0)  # an update (a new step, a loaded state) invalidates it
+        expected = F.linear(x, linear.weight_quantizer(linear.weight), linear.bias) + compensation(x)
+        torch.testing.assert_close(linear(x), expected, rtol=1e-5, atol=1e-5)
+        assert linear._folded_cache[2] is not folded
+
+
 def test_nested_mixture_equals_the_explicit_sum_over_candidates():
     compensation = randomized(LowRankCompensation(24, 40, CANDIDATES, generator=gen(3)))
     ranks = compensation.ranks

@@ -158,7 +158,25 @@ class QuantLinear(QuantModule):
             quantizer = self.weight_quantizer
             return F.linear(xq, quantizer(weight) if quantizer is not None else weight, self.bias)
         # branch: y = x·Q_w(W)ᵀ + b + compensation(x), on the same quantized input
-        return F.linear(xq, self.quantized_weight(), self.bias) + compensation(xq)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters()):
+            return F.linear(xq, self.quantized_weight(), self.bias) + compensation(xq)
+        return F.linear(xq, self._folded_weight(compensation), self.bias)
+
+    def _folded_weight(self, compensation: nn.Module) -> torch.Tensor:
+        """``Q_w(W) + ΔW``, cached like :meth:`quantized_weight`: the branch form in one matmul.
+
+        ``x·Q_w(W)ᵀ + (x·Aᵀ)·Bᵀ = x·(Q_w(W) + B·A)ᵀ`` up to float rounding, so evaluation runs one
+        matmul per Linear instead of three plus an addition (about a tenth of AIQViT's
+        evaluation time on deit_small).
+        """
+        base = self.quantized_weight()
+        key = (base._version, tuple((t.data_ptr(), t._version, tuple(t.shape)) for t in compensation.parameters()))
+        cached = getattr(self, "_folded_cache", None)
+        if cached is not None and cached[0] is base and cached[1] == key:  # `is`: ids get reused
+            return cached[2]
+        folded = base + compensation.delta().to(base.dtype)
+        self._folded_cache = (base, key, folded)
+        return folded
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, {super().extra_repr()}"
