@@ -231,10 +231,10 @@ class PerPatchOutlierQuantizer(Quantizer):
         mask = self.outlier_mask(x)
         self._count(mask)
         compute = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        if not needs_grad(x, scale):
-            codes = compute.masked_fill(mask, 0.0).div_(scale).round_().add_(zero_point).clamp_(0, self.qmax)
+        if not needs_grad(x, scale):  # one activation-sized buffer, reused in place
+            codes = torch.div(compute, scale).masked_fill_(mask, 0.0).round_().add_(zero_point).clamp_(0, self.qmax)
             dequantized = codes.sub_(zero_point).mul_(scale)
-            return torch.where(mask, compute, dequantized).to(x.dtype)
+            return torch.where(mask, compute, dequantized, out=dequantized).to(x.dtype)
         if self.gradient_mode == "reference":
             # Plain rounding has zero gradient, so the codes carry none: compute them without
             # autograd; Δ then gets exactly (q - z) from the multiplication, x gets nothing.

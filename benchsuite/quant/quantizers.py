@@ -719,7 +719,7 @@ class LogSqrt2Quantizer(Quantizer):
             with torch.no_grad():
                 codes = torch.div(x, delta).log2_().mul_(-self.CODES_PER_OCTAVE).round_()
                 # NaN (x < 0), +inf (x = 0) and codes past the last level all underflow to 0.
-                underflow = ~(codes < self.n_levels)
+                underflow = (codes < self.n_levels).logical_not_()
                 values = codes.clamp_(0, self.qmax).mul_(-1.0 / self.CODES_PER_OCTAVE).exp2_().mul_(delta)
                 return values.masked_fill_(underflow, 0).to(x.dtype)
         positive = x > 0

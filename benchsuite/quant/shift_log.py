@@ -58,11 +58,20 @@ def fake_quantize_log(x: torch.Tensor, scale: torch.Tensor | float, bits: int, k
     where ``q ≥ 2**b`` or ``x ≤ 0``. ``k = 2`` is the log√2 quantizer (same numbers as
     :func:`~benchsuite.quant.init_search.fake_quantize_log_sqrt2`), ``k = 1`` the log2 one.
     """
+    return _fake_quantize_log_(x.clone(), scale, bits, k)
+
+
+def _fake_quantize_log_(x: torch.Tensor, scale: torch.Tensor | float, bits: int, k: int) -> torch.Tensor:
+    """:func:`fake_quantize_log` in place on ``x``, a tensor the caller owns (and loses).
+
+    On a CPU, a fresh activation-sized buffer costs as much as several elementwise passes (page
+    faults), so the evaluation path allocates only the boolean masks.
+    """
     scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
-    positive = x > 0
-    codes = torch.where(positive, x, scale).div_(scale).log2_().mul_(-k).round_()
-    underflow = codes >= 2**bits
-    underflow.logical_or_(positive.logical_not_())
+    nonpositive = (x > 0).logical_not_()  # NaN included, as the zero code
+    # Non-positive entries give NaN or inf codes here; they become the zero code below.
+    codes = x.div_(scale).log2_().mul_(-k).round_()
+    underflow = (codes >= 2**bits).logical_or_(nonpositive)
     values = codes.clamp_(0, 2**bits - 1).mul_(-1.0 / k).exp2_().mul_(scale)
     return values.masked_fill_(underflow, 0)
 
@@ -271,8 +280,8 @@ class ShiftLogQuantizer(Quantizer):
         k = self.codes_per_octave
         if not needs_grad(x, delta):
             shift = self._shift(compute)
-            shifted = (compute - shift) + self.eps
-            return fake_quantize_log(shifted, delta, self.bits, k).add_(shift).sub_(self.eps).to(x.dtype)
+            shifted = torch.sub(compute, shift).add_(self.eps)
+            return _fake_quantize_log_(shifted, delta, self.bits, k).add_(shift).sub_(self.eps).to(x.dtype)
         shift = self._shift(compute)
         ste = self.gradient_mode == "ste"
         return _ShiftLogFakeQuant.apply(compute, shift, delta, self.bits, k, self.eps, ste).to(x.dtype)
