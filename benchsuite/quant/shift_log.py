@@ -61,17 +61,23 @@ def fake_quantize_log(x: torch.Tensor, scale: torch.Tensor | float, bits: int, k
     return _fake_quantize_log_(x.clone(), scale, bits, k)
 
 
-def _fake_quantize_log_(x: torch.Tensor, scale: torch.Tensor | float, bits: int, k: int) -> torch.Tensor:
+def _fake_quantize_log_(
+    x: torch.Tensor, scale: torch.Tensor | float, bits: int, k: int, *, positive: bool = False
+) -> torch.Tensor:
     """:func:`fake_quantize_log` in place on ``x``, a tensor the caller owns (and loses).
 
     On a CPU, a fresh activation-sized buffer costs as much as several elementwise passes (page
-    faults), so the evaluation path allocates only the boolean masks.
+    faults), so the evaluation path allocates only the boolean masks. ``positive=True``: the
+    caller guarantees ``x > 0`` (the dynamic shift ``x - min(x) + ε``), which saves the mask of
+    non-positive entries.
     """
     scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
-    nonpositive = (x > 0).logical_not_()  # NaN included, as the zero code
+    nonpositive = None if positive else (x > 0).logical_not_()  # NaN included, as the zero code
     # Non-positive entries give NaN or inf codes here; they become the zero code below.
     codes = x.div_(scale).log2_().mul_(-k).round_()
-    underflow = (codes >= 2**bits).logical_or_(nonpositive)
+    underflow = codes >= 2**bits
+    if nonpositive is not None:
+        underflow.logical_or_(nonpositive)
     values = codes.clamp_(0, 2**bits - 1).mul_(-1.0 / k).exp2_().mul_(scale)
     return values.masked_fill_(underflow, 0)
 
@@ -280,8 +286,10 @@ class ShiftLogQuantizer(Quantizer):
         k = self.codes_per_octave
         if not needs_grad(x, delta):
             shift = self._shift(compute)
-            shifted = torch.sub(compute, shift).add_(self.eps)
-            return _fake_quantize_log_(shifted, delta, self.bits, k).add_(shift).sub_(self.eps).to(x.dtype)
+            shifted = torch.sub(compute, shift).add_(self.eps)  # ≥ ε > 0 with the dynamic shift
+            positive = self.shift_mode == "dynamic"
+            hat = _fake_quantize_log_(shifted, delta, self.bits, k, positive=positive)
+            return hat.add_(shift).sub_(self.eps).to(x.dtype)
         shift = self._shift(compute)
         ste = self.gradient_mode == "ste"
         return _ShiftLogFakeQuant.apply(compute, shift, delta, self.bits, k, self.eps, ste).to(x.dtype)
