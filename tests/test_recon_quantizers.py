@@ -266,6 +266,15 @@ def test_lp_search_matches_the_reference_loops_at_4_bits(seed: int) -> None:
     assert float(zero) == float(ref_zero)
 
 
+def test_lp_search_below_p_1_is_exhaustive_and_matches_the_reference() -> None:
+    """The pruning bound needs a convex |d|^p; a p < 1 search scores every candidate."""
+    x = torch.randn(300, generator=gen(5)) * 1.5 - 0.2
+    scale, zero = search_uniform_lp(x, 3, 0.8)
+    ref_scale, ref_zero = reference_lp_search(x, 3, 0.8)
+    torch.testing.assert_close(scale[0], ref_scale, rtol=1e-6, atol=0)
+    assert float(zero) == float(ref_zero)
+
+
 def test_lp_search_beats_min_max_and_hooks_into_uniform_quantizer() -> None:
     x = torch.randn(2, 50, 8, generator=gen(3))
     x[0, 0, 0] = 12.0  # one outlier: clipping it pays off in L_2.4

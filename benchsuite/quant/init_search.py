@@ -486,9 +486,11 @@ def search_uniform_lp(
     ``Δ = range / (2**b - 1)`` at least ``min_scale``, ``z = -round(min / Δ)`` clamped to the grid)
     and is scored with plain rounding; the first candidate with the lowest score wins, in the
     reference's loop order (range outer, zero point inner). Candidates are evaluated in batches
-    (vectorised over zero points); on CPU the 2-D search scores them from the sorted values
-    (:func:`_lp_errors_sorted`, same candidates and scores up to summation order). Returns 1-element ``(scale, zero_point)`` tensors, ``z`` an
-    integer, in ``x``'s dtype (float32 for non-float inputs).
+    (vectorised over zero points). On CPU they are scored from the sorted values
+    (:func:`_lp_errors_sorted`, same scores up to summation order), and for ``p ≥ 1`` only those
+    whose lower bound can still beat the best score (:func:`_lp_errors_pruned`, same argmin).
+    Returns 1-element ``(scale, zero_point)`` tensors, ``z`` an integer, in ``x``'s dtype
+    (float32 for non-float inputs).
     """
     if not p > 0:
         raise ValueError(f"p must be positive, got {p!r}")
@@ -512,8 +514,10 @@ def search_uniform_lp(
             low = (0.0 - shift).reshape(-1)
             high = (ranges[:, None] - shift).reshape(-1)
         scales, zero_points = _lp_qparams(low, high, bits, min_scale)
-        if flat.device.type == "cpu":
+        if flat.device.type == "cpu" and p >= 1:  # the tail bound needs a convex |d|^p
             errors = _lp_errors_pruned(flat.sort().values, scales, zero_points, bits, float(p))
+        elif flat.device.type == "cpu":
+            errors = _lp_errors_sorted(flat.sort().values, scales, zero_points, bits, float(p))
         else:
             errors = _lp_errors(flat, scales, zero_points, bits, float(p)).nan_to_num(nan=float("inf"))
         best = int(errors.argmin())
