@@ -206,31 +206,29 @@ def test_lp_search_matches_the_reference_loops(seed: int, bits: int, sign: str) 
     assert float(zero) == float(ref_zero)
 
 
-@given(seed_st, st.sampled_from([2, 4, 8]))
-@FEW
-def test_sorted_lp_scores_equal_the_brute_force_scores(seed: int, bits: int) -> None:
-    """The fast CPU scorer gives every candidate (Δ, z) the brute force's score."""
-    from benchsuite.quant.init_search import _lp_errors, _lp_errors_sorted, _lp_qparams
-
-    g = gen(seed)
-    x = torch.randn(3000, generator=g) * torch.rand(3000, generator=g).pow(3) * 4 + torch.rand(1, generator=g) - 0.5
-    x[:7] = 0.0  # exact ties with grid points
-    qmax = 2**bits - 1
-    ranges = (x.max() - x.min()) / 100 * torch.arange(1, 101, dtype=x.dtype)
-    shift = torch.arange(0, qmax + 1, dtype=x.dtype)[None, :] * (ranges / qmax)[:, None]
-    scales, zero_points = _lp_qparams((0.0 - shift).reshape(-1), (ranges[:, None] - shift).reshape(-1), bits, 1e-8)
-    brute = _lp_errors(x, scales, zero_points, bits, 2.4)
-    fast = _lp_errors_sorted(x.sort().values, scales, zero_points, bits, 2.4)
-    torch.testing.assert_close(fast, brute, rtol=2e-5, atol=0)
-
-
 def _lp_candidates(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 2-D search's candidates (Δ, z), in the reference's order."""
     from benchsuite.quant.init_search import _lp_qparams
 
     qmax = 2**bits - 1
     ranges = (x.max() - x.min()) / 100 * torch.arange(1, 101, dtype=x.dtype)
     shift = torch.arange(0, qmax + 1, dtype=x.dtype)[None, :] * (ranges / qmax)[:, None]
     return _lp_qparams((0.0 - shift).reshape(-1), (ranges[:, None] - shift).reshape(-1), bits, 1e-8)
+
+
+@given(seed_st, st.sampled_from([2, 4, 8]))
+@FEW
+def test_sorted_lp_scores_equal_the_brute_force_scores(seed: int, bits: int) -> None:
+    """The fast CPU scorer gives every candidate (Δ, z) the brute force's score."""
+    from benchsuite.quant.init_search import _lp_errors, _lp_errors_sorted
+
+    g = gen(seed)
+    x = torch.randn(3000, generator=g) * torch.rand(3000, generator=g).pow(3) * 4 + torch.rand(1, generator=g) - 0.5
+    x[:7] = 0.0  # exact ties with grid points
+    scales, zero_points = _lp_candidates(x, bits)
+    brute = _lp_errors(x, scales, zero_points, bits, 2.4)
+    fast = _lp_errors_sorted(x.sort().values, scales, zero_points, bits, 2.4)
+    torch.testing.assert_close(fast, brute, rtol=2e-5, atol=0)
 
 
 @given(seed_st, st.sampled_from([2, 3, 4]), st.sampled_from(["gauss", "outliers", "ties", "one-signed"]))
