@@ -72,12 +72,28 @@ def _fake_quantize_log_(
     non-positive entries.
     """
     scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
-    nonpositive = None if positive else (x > 0).logical_not_()  # NaN included, as the zero code
-    # Non-positive entries give NaN or inf codes here; they become the zero code below.
+    codes, underflow = _log_codes_(x, scale, bits, k, positive=positive)
+    return _log_levels_(codes, underflow, scale, bits, k)
+
+
+def _log_codes_(
+    x: torch.Tensor, scale: torch.Tensor, bits: int, k: int, *, positive: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q = round(-k·log2(x/δ))`` in place on ``x``, unclamped, and the mask of zero codes.
+
+    The zero code covers ``q ≥ 2**b`` and, unless ``positive``, ``x ≤ 0`` (and NaN), whose codes
+    here are NaN or inf.
+    """
+    nonpositive = None if positive else (x > 0).logical_not_()
     codes = x.div_(scale).log2_().mul_(-k).round_()
     underflow = codes >= 2**bits
     if nonpositive is not None:
         underflow.logical_or_(nonpositive)
+    return codes, underflow
+
+
+def _log_levels_(codes: torch.Tensor, underflow: torch.Tensor, scale: torch.Tensor, bits: int, k: int) -> torch.Tensor:
+    """``δ·2^(-q/k)`` for ``q`` clamped to the grid, 0 under ``underflow``; in place on ``codes``."""
     values = codes.clamp_(0, 2**bits - 1).mul_(-1.0 / k).exp2_().mul_(scale)
     return values.masked_fill_(underflow, 0)
 
@@ -118,15 +134,10 @@ class _ShiftLogFakeQuant(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, shift, delta, bits, k, eps, ste):  # noqa: D102 - see the class docstring
         shifted = (x - shift).add_(eps)
-        positive = shifted > 0
-        # Non-positive entries (only with a static shift) take code 0 here and underflow below.
-        codes = torch.where(positive, shifted, delta).div_(delta).log2_().mul_(-k).round_()
-        underflow = codes >= 2**bits
-        underflow.logical_or_(positive.logical_not_())
-        passing = None
-        if ste:
-            passing = (codes >= 0).logical_and_(underflow.logical_not())
-        shifted_hat = codes.clamp_(0, 2**bits - 1).mul_(-1.0 / k).exp2_().mul_(delta).masked_fill_(underflow, 0)
+        # STE's backward needs X' itself; the reference mode lets the codes take its buffer.
+        codes, underflow = _log_codes_(shifted.clone() if ste else shifted, delta, bits, k)
+        passing = (codes >= 0).logical_and_(underflow.logical_not()) if ste else None
+        shifted_hat = _log_levels_(codes, underflow, delta, bits, k)
         ctx.ste = ste
         ctx.save_for_backward(shifted_hat, shifted if ste else None, passing, delta)
         return (shifted_hat + shift).sub_(eps)
